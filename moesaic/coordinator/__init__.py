@@ -1,0 +1,1 @@
+"""The coordinator: expert registry, gate, MoE² selection, fusion and the Perceive service."""

@@ -1,0 +1,1 @@
+"""Point-cloud and image IO, BEV encoding, synthetic scenes, dataset readers and metrics."""

@@ -1,0 +1,1 @@
+"""MQTT bridge: sensor topics in, results out, status with last will."""

@@ -1,0 +1,70 @@
+"""Prometheus metrics of nodes, coordinators and bridges.
+
+Each component builds its own :class:`Metrics` (own registry, nothing global changes at
+import) and serves it with :meth:`Metrics.serve`::
+
+    metrics = Metrics(component="node")
+    metrics.expert_latency.labels(expert="n0/yolo").observe(0.012)
+    metrics.serve(port=9100)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+@dataclass
+class Metrics:
+    """Every moesaic metric, registered in a registry of this component's own."""
+
+    component: str
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.expert_latency = Histogram(
+            "moesaic_expert_latency_seconds",
+            "Latency of one expert call (node: model compute; coordinator: round trip).",
+            ["expert"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.energy = Counter(
+            "moesaic_energy_joules",
+            "Energy spent by expert calls; source is 'measured' or 'estimated'.",
+            ["expert", "source"],
+            registry=r,
+        )
+        self.requests = Counter(
+            "moesaic_requests", "Requests handled, by gRPC status code.", ["method", "code"], registry=r
+        )
+        self.selections = Counter(
+            "moesaic_selections", "Times the coordinator selected an expert.", ["task", "expert"], registry=r
+        )
+        self.budget_violations = Counter(
+            "moesaic_budget_violations",
+            "Results that did not meet their budget; kind is 'latency', 'energy' or 'infeasible'.",
+            ["task", "kind"],
+            registry=r,
+        )
+        self.dropped_frames = Counter(
+            "moesaic_dropped_frames", "Sensor frames dropped by the latest-frame queue.", ["sensor"], registry=r
+        )
+        self.mqtt_errors = Counter(
+            "moesaic_mqtt_errors", "Malformed MQTT payloads and publish failures.", ["sensor", "reason"], registry=r
+        )
+        self.experts_up = Gauge(
+            "moesaic_experts_up", "1 while an expert is in the selection pool, 0 when down.", ["expert"], registry=r
+        )
+        self.info = Gauge("moesaic_up", "1 while this component runs.", ["component"], registry=r)
+        self.info.labels(component=self.component).set(1)
+
+    def serve(self, port: int, host: str = "127.0.0.1") -> None:
+        """Serve ``/metrics`` over HTTP on ``host:port`` from a daemon thread."""
+        start_http_server(port, addr=host, registry=self.registry)

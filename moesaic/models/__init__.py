@@ -1,0 +1,1 @@
+"""Perception networks and their pre/post-processing: ppn (LiDAR BEV), detector, florence2."""

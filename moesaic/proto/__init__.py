@@ -1,0 +1,1 @@
+"""Generated gRPC stubs (tools/gen_proto.py). Do not edit."""

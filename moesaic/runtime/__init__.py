@@ -1,0 +1,1 @@
+"""Engines (ONNX Runtime, TensorRT, PyTorch), devices, energy meters and the profiler."""
