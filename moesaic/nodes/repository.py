@@ -1,0 +1,188 @@
+"""The model repository: one folder per model, like a Triton model repository.
+
+A folder holding only ``model.onnx`` is served as is (ONNX Runtime, inputs and outputs read
+from the graph). An optional ``model.yaml`` adds::
+
+    name: ppn-seg            # default: the folder name
+    task: bev_segmentation   # what the coordinator selects it for
+    description: PPN segmentation head, 0.2 m BEV cells
+    engine: {type: onnxruntime, intra_op_threads: 2}
+    processor: {type: ppn_bev, frames: 4}   # node then advertises the processor's tensors
+    max_batch_size: 8        # largest first dimension accepted; 0 = no batch limit
+    class_names: [road, car, person]
+
+Unknown keys fail, and every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from moesaic.nodes.config import format_validation_error
+from moesaic.runtime.devices import DeviceInfo
+from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine, parse_engine_config
+from moesaic.runtime.processing import Processor, create_processor
+
+__all__ = ["ModelSpec", "ServedModel", "load_model_spec", "scan_models"]
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.yaml"
+ONNX_FILE = "model.onnx"
+
+
+class ModelSpec(BaseModel):
+    """The contents of one ``model.yaml``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Model name clients use; default: the folder name.")
+    task: str = Field("", description="bev_segmentation, bev_reconstruction, detection, vlm, or anything else.")
+    description: str = Field("", description="Free text shown in Node/Describe.")
+    engine: dict[str, Any] = Field(default_factory=lambda: {"type": "onnxruntime"}, description="Engine config.")
+    processor: dict[str, Any] | None = Field(None, description="Pre/post-processing: {type: NAME, ...options}.")
+    max_batch_size: int = Field(0, ge=0, description="Largest first dimension accepted; 0 = no limit.")
+    class_names: list[str] = Field(default_factory=list, description="Class names, index = class id.")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or "/" in value or value.strip() != value:
+            raise ValueError(f"model name must be non-empty without '/' or surrounding spaces, got {value!r}")
+        return value
+
+    @field_validator("processor")
+    @classmethod
+    def _processor(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and not isinstance(value.get("type"), str):
+            raise ValueError("processor needs a 'type' naming a registered processor")
+        return value
+
+
+def load_model_spec(folder: Path) -> tuple[ModelSpec, EngineConfig]:
+    """Spec and validated engine config of one model folder; ``ValueError`` naming file and field."""
+    path = folder / MODEL_FILE
+    raw: dict[str, Any] = {}
+    if path.is_file():
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        raw = loaded
+    elif not (folder / ONNX_FILE).is_file():
+        raise ValueError(f"{folder}: neither {MODEL_FILE} nor {ONNX_FILE} found")
+    raw.setdefault("name", folder.name)
+    try:
+        spec = ModelSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ValueError(format_validation_error(exc, str(path))) from None
+    try:
+        engine = parse_engine_config(spec.engine)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    return spec, engine
+
+
+def scan_models(root: Path) -> list[ServedModel]:
+    """Every model folder under ``root`` (sorted by name), not yet loaded."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"models: {root} is not a directory")
+    models: dict[str, ServedModel] = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if not (folder / MODEL_FILE).is_file() and not (folder / ONNX_FILE).is_file():
+            log.debug("skipping %s: no %s or %s", folder, MODEL_FILE, ONNX_FILE)
+            continue
+        spec, engine = load_model_spec(folder)
+        if spec.name in models:
+            raise ValueError(f"{folder / MODEL_FILE}: name: {spec.name!r} is also used by {models[spec.name].folder}")
+        models[spec.name] = ServedModel(folder, spec, engine)
+    return list(models.values())
+
+
+class ServedModel:
+    """One model folder on this node: its engine, optional processor and advertised tensors."""
+
+    def __init__(self, folder: Path, spec: ModelSpec, engine_config: EngineConfig) -> None:
+        self.folder = folder
+        self.spec = spec
+        self.name = spec.name
+        self.engine_config = engine_config
+        self.state = "loading"
+        self.error = ""
+        self.engine: Engine | None = None
+        self.processor: Processor | None = None
+        self.inputs: tuple[TensorSpec, ...] = ()
+        self.outputs: tuple[TensorSpec, ...] = ()
+        self.input_specs: dict[str, TensorSpec] = {}
+        self.output_names: frozenset[str] = frozenset()
+        self.device = ""
+        self.class_names: list[str] = list(spec.class_names)
+        self._lock = threading.Lock()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    @property
+    def engine_type(self) -> str:
+        return self.engine_config.type
+
+    def _config_for(self, device: DeviceInfo) -> EngineConfig:
+        config = self.engine_config
+        fields = type(config).model_fields
+        if "providers" in fields and getattr(config, "providers", None) is None and device.kind != "cuda":
+            config = config.model_copy(update={"providers": ["CPUExecutionProvider"]})
+        if "device_id" in fields and device.kind == "cuda" and "device_id" not in config.model_fields_set:
+            config = config.model_copy(update={"device_id": device.index})
+        return config
+
+    def load(self, device: DeviceInfo) -> None:
+        """Build and warm up the engine (and processor); on failure the model is ``failed``."""
+        with self._lock:
+            try:
+                engine = create_engine(self._config_for(device), self.folder)
+                engine.load()
+                described = engine.describe()
+                processor = create_processor(self.spec.processor, self.folder) if self.spec.processor else None
+                self.inputs = processor.inputs(described.inputs) if processor else described.inputs
+                self.outputs = processor.outputs(described.outputs) if processor else described.outputs
+                if processor and processor.class_names():
+                    self.class_names = processor.class_names()
+                self.device = described.device
+                self.input_specs = {s.name: s for s in self.inputs}
+                self.output_names = frozenset(s.name for s in self.outputs)
+                self.engine, self.processor = engine, processor
+                self.state, self.error = "ready", ""
+            except Exception as exc:
+                self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
+                log.error("model %s (%s) failed to load: %s", self.name, self.folder, self.error)
+
+    def infer(self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Run the processor (if any) and the engine on validated inputs."""
+        engine = self.engine
+        if engine is None:
+            raise RuntimeError(f"model {self.name!r} is not loaded")
+        processor = self.processor
+        if processor is None:
+            return engine.infer(inputs)
+        engine_inputs, context = processor.preprocess(inputs, parameters)
+        return processor.postprocess(engine.infer(engine_inputs), context)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.engine is not None:
+                self.engine.close()
+            self.engine = None
+            if self.state == "ready":
+                self.state = "loading"

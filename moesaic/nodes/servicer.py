@@ -1,0 +1,249 @@
+"""gRPC adapters of the node: KServe v2 ``inference.GRPCInferenceService`` and ``moesaic.v1.Node``.
+
+``ModelInfer`` is registered with no protobuf (de)serialiser: it receives the request's wire
+bytes, cuts the tensors out as ``memoryview`` slices (:mod:`moesaic.nodes.codec`), reads them
+with ``np.frombuffer`` and writes the reply the same way. Every reply carries the cost of
+the engine call as parameters ``compute_ms``, ``energy_mj`` (double) and ``energy_source``
+(string: nvml, jetson-ina3221, rapl or estimate).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from moesaic import __version__
+from moesaic.metrics import Metrics
+from moesaic.nodes.codec import decode_request, decode_tensor, encode_response, from_parameters, tensor_from_contents
+from moesaic.nodes.repository import ServedModel
+from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
+from moesaic.rpc import UnavailableError, abort, status_of
+from moesaic.runtime.devices import DeviceInfo
+from moesaic.runtime.energy import EnergyMeter
+from moesaic.runtime.profiler import ProfileRecord
+
+__all__ = ["INFERENCE_SERVICE", "NODE_SERVICE", "InferenceServicer", "NodeServicer", "validate_inputs"]
+
+log = logging.getLogger(__name__)
+
+INFERENCE_SERVICE = "inference.GRPCInferenceService"
+NODE_SERVICE = "moesaic.v1.Node"
+_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+
+
+def validate_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -> dict[str, np.ndarray]:
+    """Input arrays of a request, checked against the model's inputs; ``ValueError`` naming the input."""
+    specs = model.input_specs
+    tensors = header.inputs
+    if raws and len(raws) != len(tensors):
+        raise ValueError(f"raw_input_contents holds {len(raws)} entries for {len(tensors)} inputs")
+    max_batch = model.spec.max_batch_size
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = specs.get(name)
+        if spec is None:
+            raise ValueError(f"input {name!r}: model {model.name!r} has no such input; expected {sorted(specs)}")
+        if name in out:
+            raise ValueError(f"input {name!r}: given twice")
+        if tensor.datatype != spec.datatype:
+            raise ValueError(f"input {name!r}: datatype {tensor.datatype or '(empty)'}; expected {spec.datatype}")
+        shape = tuple(tensor.shape)
+        if not spec.accepts_shape(shape):
+            raise ValueError(f"input {name!r}: shape {list(shape)}; expected {list(spec.shape)} (-1 = any size)")
+        if max_batch and shape and shape[0] > max_batch:
+            raise ValueError(f"input {name!r}: batch {shape[0]} exceeds max_batch_size {max_batch}")
+        if raws:
+            out[name] = decode_tensor(name, spec.datatype, shape, raws[i])
+        else:
+            out[name] = tensor_from_contents(name, spec.datatype, shape, tensor.contents)
+    if len(out) != len(specs):
+        missing = sorted(specs.keys() - out.keys())
+        raise ValueError(f"inputs {missing} missing; model {model.name!r} needs {sorted(specs)}")
+    return out
+
+
+class InferenceServicer:
+    """KServe v2 data plane over the node's models."""
+
+    def __init__(
+        self,
+        models: Mapping[str, ServedModel],
+        meter: EnergyMeter,
+        metrics: Metrics,
+        *,
+        is_ready: Callable[[], bool],
+    ) -> None:
+        self.models = models
+        self.meter = meter
+        self.metrics = metrics
+        self.is_ready = is_ready
+        self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
+        self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
+        self._energy = {name: metrics.energy.labels(expert=name, source=meter.source) for name in models}
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        unary = grpc.unary_unary_rpc_method_handler
+        pb = inference_pb2
+
+        def typed(fn: Callable[..., Any], request: Any) -> grpc.RpcMethodHandler:
+            return unary(fn, request_deserializer=request.FromString, response_serializer=lambda m: m.SerializeToString())
+
+        return grpc.method_handlers_generic_handler(
+            INFERENCE_SERVICE,
+            {
+                "ServerLive": typed(self.server_live, pb.ServerLiveRequest),
+                "ServerReady": typed(self.server_ready, pb.ServerReadyRequest),
+                "ModelReady": typed(self.model_ready, pb.ModelReadyRequest),
+                "ServerMetadata": typed(self.server_metadata, pb.ServerMetadataRequest),
+                "ModelMetadata": typed(self.model_metadata, pb.ModelMetadataRequest),
+                "ModelInfer": unary(self.model_infer),  # bytes in, bytes out
+            },
+        )
+
+    # -------------------------------------------------------------- lookup
+
+    def _model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise LookupError(f"model {name!r} not found; this node serves {sorted(self.models)}")
+        return model
+
+    def _ready_model(self, name: str) -> ServedModel:
+        model = self._model(name)
+        if model.state != "ready":
+            detail = f": {model.error}" if model.error else ""
+            raise UnavailableError(f"model {name!r} is {model.state}{detail}")
+        return model
+
+    # -------------------------------------------------------------- control plane
+
+    def server_live(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerLiveResponse(live=True)
+
+    def server_ready(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerReadyResponse(ready=self.is_ready())
+
+    def model_ready(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return inference_pb2.ModelReadyResponse(ready=self._model(request.name).ready)
+        except Exception as exc:
+            abort(context, exc)
+
+    def server_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        return inference_pb2.ServerMetadataResponse(name="moesaic", version=__version__, extensions=[])
+
+    def model_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            model = self._ready_model(request.name)
+        except Exception as exc:
+            abort(context, exc)
+        meta = inference_pb2.ModelMetadataResponse(
+            name=model.name, versions=["1"], platform=_PLATFORMS.get(model.engine_type, model.engine_type)
+        )
+        for spec in model.inputs:
+            meta.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        for spec in model.outputs:
+            meta.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
+        return meta
+
+    # -------------------------------------------------------------- data plane
+
+    def model_infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            header, raws = decode_request(data)
+            model = self._ready_model(header.model_name)
+            inputs = validate_inputs(model, header, raws)
+            parameters = from_parameters(header.parameters) if header.parameters else {}
+            meter = self.meter
+            start_j = meter.joules()
+            start = time.perf_counter()
+            outputs = model.infer(inputs, parameters)
+            seconds = time.perf_counter() - start
+            joules = meter.joules() - start_j
+            if header.outputs:
+                outputs = self._requested(model, outputs, header.outputs)
+            reply = encode_response(
+                model.name,
+                outputs,
+                parameters={"compute_ms": seconds * 1e3, "energy_mj": joules * 1e3, "energy_source": meter.source},
+                request_id=header.id,
+                model_version=header.model_version,
+            )
+        except Exception as exc:
+            code, message = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("ModelInfer failed")
+            self.metrics.requests.labels(method="ModelInfer", code=code.name).inc()
+            abort(context, exc)
+        self._ok.inc()
+        self._latency[model.name].observe(seconds)
+        self._energy[model.name].inc(max(joules, 0.0))
+        return reply
+
+    @staticmethod
+    def _requested(model: ServedModel, outputs: dict[str, np.ndarray], requested: Any) -> dict[str, np.ndarray]:
+        chosen = {}
+        for out in requested:
+            if out.name not in outputs:
+                raise ValueError(f"output {out.name!r}: model {model.name!r} has no such output; has {sorted(outputs)}")
+            chosen[out.name] = outputs[out.name]
+        return chosen
+
+
+class NodeServicer(moesaic_pb2_grpc.NodeServicer):
+    """``moesaic.v1.Node/Describe``: device, models and their measured profiles."""
+
+    def __init__(
+        self, node_id: str, device: DeviceInfo, models: Mapping[str, ServedModel], profiles: Sequence[ProfileRecord]
+    ) -> None:
+        self.node_id = node_id
+        self.device = device
+        self.models = models
+        self.profiles = list(profiles)
+
+    def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC method name
+        d = self.device
+        reply = moesaic_pb2.NodeDescription(
+            node_id=self.node_id,
+            version=__version__,
+            device=moesaic_pb2.Device(
+                kind=d.kind,
+                name=d.name,
+                memory_bytes=d.memory_bytes,
+                power_limit_watts=d.power_limit_watts,
+                cores=d.cores,
+                energy_source=d.energy_source,
+                id=d.id,
+            ),
+        )
+        for model in self.models.values():
+            desc = reply.models.add(
+                name=model.name,
+                task=model.spec.task,
+                engine=model.engine_type,
+                ready=model.ready,
+                state=model.state,
+                class_names=model.class_names,
+                error=model.error,
+            )
+            for rec in self.profiles:
+                if rec.model != model.name:
+                    continue
+                desc.profiles.add(
+                    batch_size=rec.batch_size,
+                    latency_ms=moesaic_pb2.LatencyQuantiles(
+                        p50=rec.latency_ms.p50, p95=rec.latency_ms.p95, p99=rec.latency_ms.p99
+                    ),
+                    throughput_per_s=rec.throughput_per_s,
+                    energy_mj_per_inference=rec.energy_mj_per_inference,
+                    idle_watts=rec.idle_watts,
+                    energy_source=rec.energy_source,
+                    engine=rec.engine,
+                )
+        return reply

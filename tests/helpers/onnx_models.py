@@ -1,0 +1,73 @@
+"""Small ONNX models built with ``onnx.helper`` into model folders, for tests and benchmarks.
+
+>>> folder = write_identity_model(tmp_path / "models", "echo", [("x", "FP32", (-1, 4))])  # doctest: +SKIP
+
+Each input ``NAME`` gets an output ``NAME_out`` (Identity), so a test can check that every
+datatype travels both ways unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto, helper
+
+__all__ = ["ONNX_TYPES", "write_add_model", "write_identity_model", "write_model"]
+
+ONNX_TYPES = {
+    "BOOL": TensorProto.BOOL,
+    "UINT8": TensorProto.UINT8,
+    "INT8": TensorProto.INT8,
+    "INT16": TensorProto.INT16,
+    "INT32": TensorProto.INT32,
+    "INT64": TensorProto.INT64,
+    "FP16": TensorProto.FLOAT16,
+    "FP32": TensorProto.FLOAT,
+    "FP64": TensorProto.DOUBLE,
+    "BYTES": TensorProto.STRING,
+}
+
+Spec = tuple[str, str, Sequence[int]]  # name, KServe datatype, shape (-1 = dynamic)
+
+
+def _dims(shape: Sequence[int]) -> list[int | str]:
+    return [d if d >= 0 else f"d{i}" for i, d in enumerate(shape)]
+
+
+def write_model(folder: Path, graph: onnx.GraphProto, *, model_yaml: str | None = None) -> Path:
+    """Write ``graph`` as ``folder/model.onnx`` (opset 17, IR 8) and optional ``model.yaml``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(folder / "model.onnx"))
+    if model_yaml is not None:
+        (folder / "model.yaml").write_text(model_yaml)
+    return folder
+
+
+def write_identity_model(root: Path, name: str, inputs: Sequence[Spec], *, model_yaml: str | None = None) -> Path:
+    """Folder ``root/name`` whose model returns each input ``X`` unchanged as ``X_out``."""
+    nodes, ins, outs = [], [], []
+    for tensor, datatype, shape in inputs:
+        ins.append(helper.make_tensor_value_info(tensor, ONNX_TYPES[datatype], _dims(shape)))
+        outs.append(helper.make_tensor_value_info(f"{tensor}_out", ONNX_TYPES[datatype], _dims(shape)))
+        nodes.append(helper.make_node("Identity", [tensor], [f"{tensor}_out"]))
+    return write_model(root / name, helper.make_graph(nodes, name, ins, outs), model_yaml=model_yaml)
+
+
+def write_add_model(root: Path, name: str, shape: Sequence[int] = (-1, 4), *, model_yaml: str | None = None) -> Path:
+    """Folder ``root/name``: FP32 ``y = x + 1`` and ``total = ReduceSum(x)`` (two outputs)."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "one"], ["y"]), helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, _dims(shape))],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, _dims(shape)),
+            helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
+        ],
+        initializer=[one],
+    )
+    return write_model(root / name, graph, model_yaml=model_yaml)
