@@ -1,0 +1,55 @@
+"""The bridge's gRPC client of ``moesaic.v1.Coordinator`` (unary Perceive with a deadline)."""
+
+from __future__ import annotations
+
+import grpc
+
+from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
+
+__all__ = ["CoordinatorClient"]
+
+_MAX_MESSAGE = 64 * 1024 * 1024
+
+
+class CoordinatorClient:
+    """Async context manager around one channel to a coordinator.
+
+    >>> async def once(request):
+    ...     async with CoordinatorClient("127.0.0.1:50070") as client:
+    ...         return await client.perceive(request)
+    """
+
+    def __init__(
+        self, address: str, *, timeout_s: float = 10.0, credentials: grpc.ChannelCredentials | None = None
+    ) -> None:
+        self.address = address
+        self.timeout_s = timeout_s
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: moesaic_pb2_grpc.CoordinatorStub | None = None
+
+    async def __aenter__(self) -> CoordinatorClient:
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE),
+            ("grpc.max_send_message_length", _MAX_MESSAGE),
+        ]
+        if self._credentials is not None:
+            self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=options)
+        else:
+            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        self._stub = moesaic_pb2_grpc.CoordinatorStub(self._channel)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+        self._channel = self._stub = None
+
+    async def perceive(self, request: moesaic_pb2.PerceiveRequest) -> moesaic_pb2.PerceiveResponse:
+        """One Perceive call; raises ``grpc.aio.AioRpcError`` (DEADLINE_EXCEEDED after ``timeout_s``)."""
+        if self._stub is None:
+            raise RuntimeError("CoordinatorClient used outside 'async with'")
+        response: moesaic_pb2.PerceiveResponse = await self._stub.Perceive(
+            request, timeout=self.timeout_s, wait_for_ready=False
+        )
+        return response

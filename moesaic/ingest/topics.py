@@ -1,0 +1,109 @@
+"""The one MQTT topic convention of moesaic. Every topic string is built or parsed here.
+
+===========================================  ====  =======  =========================================
+topic                                        qos   retain   payload
+===========================================  ====  =======  =========================================
+``moesaic/v1/sensors/{sensor_id}/lidar``     any   no       KITTI float32 x,y,z,i records or SensorFrame
+``moesaic/v1/sensors/{sensor_id}/camera``    any   no       JPEG / PNG bytes or SensorFrame
+``moesaic/v1/results/{sensor_id}/{task}``    1     no       result JSON
+``moesaic/v1/results/{sensor_id}/{task}/png`` 1    no       PNG of a BEV grid (segmentation classes)
+``moesaic/v1/status/{component}``            1     yes      ``online`` / ``offline`` (last will)
+``moesaic/v1/errors/{sensor_id}``            1     no       error JSON: reason, detail, count
+===========================================  ====  =======  =========================================
+
+>>> result_topic("s0", "detection")
+'moesaic/v1/results/s0/detection'
+>>> parse_sensor_topic("moesaic/v1/sensors/s0/lidar")
+('s0', 'lidar')
+>>> sensor_subscriptions(group="fleet")
+['$share/fleet/moesaic/v1/sensors/+/lidar', '$share/fleet/moesaic/v1/sensors/+/camera']
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, get_args
+
+__all__ = [
+    "OFFLINE",
+    "ONLINE",
+    "PREFIX",
+    "SENSOR_KINDS",
+    "SensorKind",
+    "error_topic",
+    "parse_sensor_topic",
+    "result_image_topic",
+    "result_topic",
+    "sensor_subscriptions",
+    "sensor_topic",
+    "status_topic",
+    "validate_segment",
+]
+
+PREFIX = "moesaic/v1"
+SensorKind = Literal["lidar", "camera"]
+SENSOR_KINDS: tuple[SensorKind, ...] = get_args(SensorKind)
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+ONLINE = "online"
+OFFLINE = "offline"
+
+
+def validate_segment(value: str, what: str) -> str:
+    """Return ``value`` when it is a safe single topic level, else ``ValueError`` naming ``what``.
+
+    Letters, digits, ``_``, ``.`` and ``-`` only (no ``/``, ``+``, ``#``), 1 to 128 characters.
+    """
+    if not _SEGMENT.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid topic level: use 1-128 of A-Z a-z 0-9 _ . -")
+    return value
+
+
+def sensor_topic(sensor_id: str, kind: SensorKind) -> str:
+    """Where a sensor publishes its frames."""
+    if kind not in SENSOR_KINDS:
+        raise ValueError(f"sensor kind {kind!r}: expected one of {SENSOR_KINDS}")
+    return f"{PREFIX}/sensors/{validate_segment(sensor_id, 'sensor id')}/{kind}"
+
+
+def result_topic(sensor_id: str, task: str) -> str:
+    """Where the JSON result of ``task`` for ``sensor_id`` is published (QoS 1)."""
+    return f"{PREFIX}/results/{validate_segment(sensor_id, 'sensor id')}/{validate_segment(task, 'task')}"
+
+
+def result_image_topic(sensor_id: str, task: str) -> str:
+    """Where the PNG rendering of a grid result is published, beside its JSON."""
+    return result_topic(sensor_id, task) + "/png"
+
+
+def status_topic(component: str) -> str:
+    """Retained ``online`` / ``offline`` of one component (a bridge, a node, a coordinator)."""
+    return f"{PREFIX}/status/{validate_segment(component, 'component')}"
+
+
+def error_topic(sensor_id: str) -> str:
+    """Where malformed payloads and failed requests of ``sensor_id`` are reported."""
+    return f"{PREFIX}/errors/{validate_segment(sensor_id, 'sensor id')}"
+
+
+def parse_sensor_topic(topic: str) -> tuple[str, SensorKind]:
+    """``(sensor_id, kind)`` of a sensor topic; ``ValueError`` naming the topic otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:3]) != f"{PREFIX}/sensors" or parts[4] not in SENSOR_KINDS:
+        raise ValueError(f"topic {topic!r} is not {PREFIX}/sensors/{{sensor_id}}/{{lidar|camera}}")
+    validate_segment(parts[3], "sensor id")
+    return parts[3], parts[4]
+
+
+def sensor_subscriptions(group: str | None = None, sensors: tuple[str, ...] = ()) -> list[str]:
+    """Topic filters a bridge subscribes to: every sensor, or only ``sensors``.
+
+    With ``group`` they are MQTT 5 shared subscriptions (``$share/{group}/...``): the broker
+    gives each message to one subscriber of the group.
+    """
+    ids = [validate_segment(s, "sensor id") for s in sensors] or ["+"]
+    filters = [f"{PREFIX}/sensors/{s}/{kind}" for s in ids for kind in SENSOR_KINDS]
+    if group:
+        validate_segment(group, "group")
+        filters = [f"$share/{group}/{f}" for f in filters]
+    return filters
