@@ -208,7 +208,10 @@ def parse_engine_config(raw: Mapping[str, Any]) -> EngineConfig:
     try:
         return config_cls.model_validate({**raw, "type": type_name})
     except ValidationError as exc:
-        raise ValueError(f"engine ({type_name}): {exc}") from None
+        problems = "; ".join(
+            f"engine.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise ValueError(f"{problems} (engine type {type_name})") from None
 
 
 def create_engine(config: EngineConfig | Mapping[str, Any], model_dir: Path) -> Engine:
