@@ -1,0 +1,198 @@
+"""The fleet config: which nodes the coordinator uses and how it selects among their experts.
+
+YAML, validated by pydantic with ``extra="forbid"``; every error names the file and the
+field. Relative paths are relative to the config file. Settings under ``coordinator:`` can be
+overridden from the environment as ``MOESAIC_COORDINATOR_<FIELD>`` (e.g.
+``MOESAIC_COORDINATOR_OVERHEAD_MS=4``)::
+
+    coordinator:
+      overhead_ms: 3
+    nodes:
+      - address: 127.0.0.1:8001
+        name: jetson-a
+        experts:
+          - {model: yolo-n, latency_ms: 18, energy_mj: 90}
+    tasks:
+      detection: {gate: gates/detection.json, validation: tables/detection.npz, max_experts: 3}
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from moesaic.rpc import TlsConfig
+
+__all__ = [
+    "BudgetConfig",
+    "CoordinatorSettings",
+    "ExpertOverride",
+    "FleetConfig",
+    "NodeEntry",
+    "TaskSettings",
+    "load_fleet",
+    "parse_fleet",
+]
+
+_ENV_PREFIX = "MOESAIC_COORDINATOR_"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BudgetConfig(_Strict):
+    latency_ms: float = Field(0.0, ge=0, description="Latency budget in ms; 0 = unbounded.")
+    energy_mj: float = Field(0.0, ge=0, description="Energy budget in mJ; 0 = unbounded.")
+
+
+class CoordinatorSettings(_Strict):
+    overhead_ms: float = Field(2.0, ge=0, description="Network round trip + fusion time added to every set.")
+    default_budget: BudgetConfig = Field(
+        default_factory=lambda: BudgetConfig.model_validate({}),
+        description="Budget of requests that carry none.",
+    )
+    expert_timeout_ms: float = Field(
+        10000.0, gt=0, description="Per-expert deadline when the latency budget is unbounded."
+    )
+    deadline_slack: float = Field(
+        3.0,
+        ge=1,
+        description="An expert is dropped after slack x its predicted latency (+ deadline_margin_ms).",
+    )
+    deadline_margin_ms: float = Field(50.0, ge=0, description="Added to every per-expert deadline.")
+    max_experts: int = Field(
+        0, ge=0, description="Fine level: top-k of the gate within the pool; 0 = no limit."
+    )
+    ewma_alpha: float = Field(0.2, gt=0, le=1, description="Weight of the newest reply in the live profiles.")
+    failures_to_down: int = Field(2, ge=1, description="Consecutive failed calls that mark a node down.")
+    probe_interval_s: float = Field(2.0, gt=0, description="How often down nodes are probed again.")
+    describe_timeout_s: float = Field(3.0, gt=0, description="Timeout of a node's Describe.")
+    budget_bucket_ratio: float = Field(
+        1.25, gt=1, description="Coarse cache: budgets are rounded down to powers of this ratio."
+    )
+    profile_drift: float = Field(
+        0.25, gt=0, description="Relative profile change that invalidates cached coarse selections."
+    )
+    default_latency_ms: float = Field(50.0, ge=0, description="Prior latency of an expert with no profile.")
+    default_energy_mj: float = Field(0.0, ge=0, description="Prior energy of an expert with no profile.")
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off.")
+    max_message_bytes: int = Field(64 << 20, gt=0, description="gRPC message size limit.")
+    tls: TlsConfig | None = Field(None, description="Server TLS of the Coordinator service.")
+
+
+class ExpertOverride(_Strict):
+    model: str = Field(min_length=1, description="Model name on the node.")
+    task: str | None = Field(None, description="Task override (default: the node's Describe).")
+    latency_ms: float | None = Field(None, ge=0, description="Prior latency (default: Describe p50).")
+    energy_mj: float | None = Field(None, ge=0, description="Prior energy (default: Describe profile).")
+    weight: float = Field(1.0, gt=0, description="Prior gate weight used when the task has no trained gate.")
+    enabled: bool = Field(True, description="False keeps the expert out of the pool.")
+
+
+class NodeEntry(_Strict):
+    address: str = Field(min_length=3, description="host:port of the node's gRPC server.")
+    name: str | None = Field(None, description="Node name in expert ids (default: Describe node_id).")
+    device: str | None = Field(
+        None, description="Queue name: experts on one device queue (default: node/device)."
+    )
+    tls: TlsConfig | None = Field(None, description="Client TLS towards this node.")
+    only_listed: bool = Field(False, description="Use only the models listed in `experts`.")
+    experts: list[ExpertOverride] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique(self) -> NodeEntry:
+        names = [e.model for e in self.experts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"model {sorted(dup)[0]!r} listed twice")
+        return self
+
+
+class TaskSettings(_Strict):
+    gate: Path | None = Field(None, description="Gate file written by `moesaic train-gate`.")
+    validation: Path | None = Field(
+        None, description="Validation table (.npz) for the exact coarse selection."
+    )
+    max_experts: int | None = Field(
+        None, ge=1, description="Per-task top-k (default: coordinator.max_experts)."
+    )
+    input_kind: str | None = Field(
+        None, description="Features of a task without a gate: points, image or tensor."
+    )
+
+
+class FleetConfig(_Strict):
+    coordinator: CoordinatorSettings = Field(default_factory=lambda: CoordinatorSettings.model_validate({}))
+    nodes: list[NodeEntry] = Field(default_factory=list)
+    tasks: dict[str, TaskSettings] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _unique_nodes(self) -> FleetConfig:
+        addresses = [n.address for n in self.nodes]
+        dup = {a for a in addresses if addresses.count(a) > 1}
+        if dup:
+            raise ValueError(f"node address {sorted(dup)[0]!r} listed twice")
+        return self
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
+    section = dict(data.get("coordinator") or {})
+    for key, value in env.items():
+        if key.startswith(_ENV_PREFIX):
+            field = key[len(_ENV_PREFIX) :].lower()
+            if field not in CoordinatorSettings.model_fields:
+                raise ValueError(f"{key}: coordinator has no setting {field!r}")
+            section[field] = yaml.safe_load(value)
+    if section:
+        data = {**data, "coordinator": section}
+    return data
+
+
+def parse_fleet(
+    data: Any, *, source: str = "fleet config", base: Path | None = None, env: Mapping[str, str] | None = None
+) -> FleetConfig:
+    """Validate a decoded fleet config; errors name ``source`` and the field."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping at the top level")
+    try:
+        data = _env_overrides(data, os.environ if env is None else env)
+        config = FleetConfig.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
+        raise ValueError(f"{source}: {_loc(tuple(first['loc']))}: {first['msg']}{more}") from None
+    except ValueError as exc:
+        raise ValueError(f"{source}: {exc}") from None
+    if base is not None:
+        for settings in config.tasks.values():
+            for name in ("gate", "validation"):
+                path = getattr(settings, name)
+                if path is not None and not path.is_absolute():
+                    setattr(settings, name, base / path)
+    return config
+
+
+def load_fleet(path: Path, *, env: Mapping[str, str] | None = None) -> FleetConfig:
+    """Read a fleet YAML file."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+    return parse_fleet(data, source=str(path), base=path.parent, env=env)

@@ -1,0 +1,106 @@
+"""Perceive request inputs -> the node-boundary tensors every expert of a task takes.
+
+- ``points`` (PointCloud): float32 ``fields`` per point -> ``points`` FP32 [N, 4] + parameter
+  ``sensor_id``;
+- ``image`` (JPEG/PNG/rgb8) -> ``image`` UINT8 [H, W, 3];
+- ``tensor`` -> that tensor under its name (``x`` when unnamed);
+- task ``vlm`` adds ``prompt`` BYTES [1] from option ``prompt`` (default ``<OD>``).
+
+Every error is a ``ValueError`` naming the field.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moesaic.runtime.engine import dtype_of
+
+__all__ = ["RequestInputs", "decode_image", "decode_inputs"]
+
+_MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class RequestInputs:
+    tensors: dict[str, np.ndarray]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> tuple[int, int] | None:
+        """(width, height) of an image input."""
+        image = self.tensors.get("image")
+        return None if image is None else (int(image.shape[1]), int(image.shape[0]))
+
+
+def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) -> np.ndarray:
+    """RGB8 [H, W, 3] of a JPEG/PNG or raw rgb8 image."""
+    enc = (encoding or "").lower()
+    if enc == "rgb8":
+        if width <= 0 or height <= 0:
+            raise ValueError("image.width/height: required (> 0) for rgb8 images")
+        if width * height > _MAX_IMAGE_PIXELS:
+            raise ValueError(f"image: {width}x{height} exceeds {_MAX_IMAGE_PIXELS} pixels")
+        if len(data) != width * height * 3:
+            raise ValueError(
+                f"image.data: expected {width * height * 3} bytes for {width}x{height} rgb8, got {len(data)}"
+            )
+        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    if enc in ("jpeg", "jpg", "png", ""):
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.width * img.height > _MAX_IMAGE_PIXELS:
+                    raise ValueError(f"image: {img.width}x{img.height} exceeds {_MAX_IMAGE_PIXELS} pixels")
+                return np.asarray(img.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"image.data: cannot decode {enc or 'image'}: {exc}") from None
+    raise ValueError(f"image.encoding: {encoding!r} is not one of jpeg, png, rgb8")
+
+
+def decode_inputs(task: str, request: Any, options: Mapping[str, str] | None = None) -> RequestInputs:
+    """Tensors and parameters of a ``moesaic.v1.PerceiveRequest`` for ``task``'s experts."""
+    options = dict(options or {})
+    which = request.WhichOneof("input")
+    params: dict[str, Any] = {}
+    if which == "points":
+        fields = request.points.fields or 4
+        if fields < 4:
+            raise ValueError(f"points.fields: expected >= 4 values per point, got {fields}")
+        data = request.points.data
+        if len(data) % (4 * fields):
+            raise ValueError(f"points.data: {len(data)} bytes is not a whole number of {fields}-float points")
+        pts = np.frombuffer(data, "<f4").reshape(-1, fields)[:, :4]
+        if not np.all(np.isfinite(pts)):
+            raise ValueError("points.data: values must be finite")
+        tensors = {"points": np.ascontiguousarray(pts, dtype=np.float32)}
+        if request.sensor_id:
+            params["sensor_id"] = request.sensor_id
+    elif which == "image":
+        img = request.image
+        tensors = {"image": decode_image(img.data, img.encoding, img.width, img.height)}
+    elif which == "tensor":
+        t = request.tensor
+        dtype = dtype_of(t.datatype)
+        if t.datatype == "BYTES":
+            raise ValueError("tensor.datatype: BYTES tensors are not accepted as Perceive input")
+        shape = tuple(int(d) for d in t.shape)
+        if any(d < 0 for d in shape):
+            raise ValueError(f"tensor.shape: dimensions must be >= 0, got {list(shape)}")
+        count = int(np.prod(shape)) if shape else 1
+        if len(t.data) != count * dtype.itemsize:
+            raise ValueError(
+                f"tensor.data: expected {count * dtype.itemsize} bytes for {t.datatype} {list(shape)}, "
+                f"got {len(t.data)}"
+            )
+        tensors = {t.name or "x": np.frombuffer(t.data, dtype).reshape(shape)}
+    else:
+        raise ValueError("input: one of points, image or tensor is required")
+    if task == "vlm":
+        tensors["prompt"] = np.array([options.get("prompt", "<OD>").encode()], dtype=object)
+    return RequestInputs(tensors, params)

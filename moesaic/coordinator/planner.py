@@ -1,0 +1,196 @@
+"""The two levels of MoE² selection over the registry's live experts.
+
+- **Coarse** (:meth:`Planner.pool`): the exact branch-and-bound solution S* of the task's
+  validation table under the budget, cached per (task, budget bucket, experts up, profile
+  epoch). Budgets are rounded *down* to powers of ``budget_bucket_ratio``, so a cached pool
+  fits every budget of its bucket under the profiles it was solved with.
+- **Fine** (:meth:`Planner.plan`): per request, experts of S* in order of the request's gate
+  weights (top-k), each added only while the set still fits the request's own budget under the
+  live profiles. When nothing fits, the cheapest expert runs and the plan says feasible=False.
+
+A task without a gate or validation table uses the prior weights of the fleet config and the
+whole pool (still re-checked against the budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from moesaic.coordinator.config import CoordinatorSettings, TaskSettings
+from moesaic.coordinator.gate import Gate
+from moesaic.coordinator.registry import Expert, Registry
+from moesaic.coordinator.selection import Budget, fits, solve
+from moesaic.coordinator.validation import ValidationTable
+
+__all__ = ["Plan", "Planner", "TaskModel", "load_task_models"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskModel:
+    """What the coordinator knows about one task: its gate and validation table (both optional)."""
+
+    task: str
+    input_kind: str = "tensor"
+    gate: Gate | None = None
+    table: ValidationTable | None = None
+    max_experts: int = 0
+    table_gate: np.ndarray | None = field(default=None, repr=False)
+    """Gate weights of the table's frames [Fr, N], computed once."""
+
+
+def load_task_models(tasks: Mapping[str, TaskSettings]) -> dict[str, TaskModel]:
+    """Load each task's gate and validation table named in the fleet config."""
+    out: dict[str, TaskModel] = {}
+    for task, settings in tasks.items():
+        gate = Gate.load(Path(settings.gate)) if settings.gate else None
+        table = ValidationTable.load(Path(settings.validation)) if settings.validation else None
+        if gate is not None and gate.task != task:
+            raise ValueError(f"tasks.{task}.gate: the gate was trained for task {gate.task!r}")
+        if table is not None and table.task != task:
+            raise ValueError(f"tasks.{task}.validation: the table is for task {table.task!r}")
+        if table is not None and gate is not None and tuple(table.experts) != tuple(gate.experts):
+            raise ValueError(f"tasks.{task}: the gate and the validation table list different experts")
+        kind = gate.input_kind if gate else (table.input_kind if table else settings.input_kind or "tensor")
+        table_gate = gate.weights_all(table.features) if gate is not None and table is not None else None
+        out[task] = TaskModel(task, kind, gate, table, settings.max_experts or 0, table_gate)
+    return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    experts: tuple[Expert, ...]
+    weights: tuple[float, ...]
+    """Gate weights renormalised over ``experts``."""
+    latency_ms: float
+    energy_mj: float
+    feasible: bool
+
+
+def _bucket(value: float, ratio: float) -> float:
+    if value <= 0:
+        return 0.0
+    return float(ratio ** math.floor(math.log(value) / math.log(ratio) + 1e-12))
+
+
+def set_cost(
+    experts: Sequence[Expert], overhead_ms: float, busy: Mapping[str, float] | None = None
+) -> tuple[float, float]:
+    """(latency, energy) of running ``experts`` on top of devices already ``busy`` (ms left)."""
+    per_device = dict(busy or {})
+    energy = 0.0
+    for e in experts:
+        per_device[e.device] = per_device.get(e.device, 0.0) + e.latency_ms
+        energy += e.energy_mj
+    return (max(per_device.values()) if per_device else 0.0) + overhead_ms, energy
+
+
+class Planner:
+    def __init__(
+        self, settings: CoordinatorSettings, registry: Registry, tasks: Mapping[str, TaskModel]
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.tasks = dict(tasks)
+        self._cache: dict[tuple[object, ...], tuple[str, ...]] = {}
+        self.solves = 0
+
+    def task_model(self, task: str) -> TaskModel:
+        return self.tasks.get(task) or TaskModel(task)
+
+    def candidates(self, task: str, exclude: Collection[str] = ()) -> list[Expert]:
+        """Experts of ``task`` in the pool that the task's gate knows (all when it has none)."""
+        tm = self.task_model(task)
+        known = set(tm.gate.experts) if tm.gate else (set(tm.table.experts) if tm.table else None)
+        return [
+            e for e in self.registry.experts(task) if e.id not in exclude and (known is None or e.id in known)
+        ]
+
+    def pool(self, task: str, budget: Budget, exclude: Collection[str] = ()) -> list[Expert]:
+        """Coarse level: the cached exact optimum S* for the budget's bucket (empty when none fits)."""
+        cands = self.candidates(task, exclude)
+        tm = self.task_model(task)
+        if not cands or tm.table is None or tm.table_gate is None:
+            return cands
+        ratio = self.settings.budget_bucket_ratio
+        bucketed = Budget(_bucket(budget.latency_ms, ratio), _bucket(budget.energy_mj, ratio))
+        key = (task, bucketed, tuple(e.id for e in cands), self.registry.epoch)
+        ids = self._cache.get(key)
+        if ids is None:
+            problem = tm.table.problem(
+                tm.table_gate, [e.cost() for e in cands], overhead_ms=self.settings.overhead_ms
+            )
+            selection = solve(problem, bucketed)
+            self.solves += 1
+            ids = selection.ids if selection.feasible else ()
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = ids
+            log.debug("coarse %s %s -> %s (%d nodes)", task, bucketed, ids, selection.nodes_explored)
+        if not ids and bucketed != budget:
+            # Rounding down the budget made it infeasible: solve the request's own budget once.
+            problem = tm.table.problem(
+                tm.table_gate, [e.cost() for e in cands], overhead_ms=self.settings.overhead_ms
+            )
+            selection = solve(problem, budget)
+            self.solves += 1
+            ids = selection.ids if selection.feasible else ()
+        by_id = {e.id: e for e in cands}
+        return [by_id[i] for i in ids]
+
+    def gate_weights(self, task: str, features: np.ndarray | None, experts: Sequence[Expert]) -> np.ndarray:
+        """The request's gate weights renormalised over ``experts``."""
+        if not experts:
+            return np.zeros(0)
+        tm = self.task_model(task)
+        if tm.gate is not None and features is not None:
+            return tm.gate.weights_over(features, [e.id for e in experts])
+        w = np.array([e.weight for e in experts], np.float64)
+        return np.asarray(w / w.sum())
+
+    def plan(
+        self,
+        task: str,
+        features: np.ndarray | None,
+        budget: Budget,
+        *,
+        exclude: Collection[str] = (),
+        busy: Mapping[str, float] | None = None,
+        limit: int | None = None,
+        fallback: bool = True,
+    ) -> Plan:
+        """Fine level: top-k of the gate within the coarse pool that fits ``budget``.
+
+        ``exclude``: experts already tried; ``busy``: device -> ms still queued there;
+        ``limit``: most experts to add. With ``fallback`` and nothing fitting, the cheapest
+        candidate alone (feasible=False); without it an empty plan.
+        """
+        tm = self.task_model(task)
+        k = limit if limit is not None else (tm.max_experts or self.settings.max_experts or 1 << 30)
+        pool = self.pool(task, budget, exclude) if k > 0 else []
+        weights = self.gate_weights(task, features, pool)
+        order: list[int] = [int(i) for i in np.argsort(-weights, kind="stable")]
+        chosen: list[Expert] = []
+        for i in order:
+            if len(chosen) >= k:
+                break
+            trial = [*chosen, pool[int(i)]]
+            if fits(*set_cost(trial, self.settings.overhead_ms, busy), budget):
+                chosen = trial
+        if chosen:
+            w = self.gate_weights(task, features, chosen)
+            lat, energy = set_cost(chosen, self.settings.overhead_ms, busy)
+            return Plan(tuple(chosen), tuple(float(x) for x in w), lat, energy, True)
+        cands = self.candidates(task, exclude)
+        if not fallback or not cands:
+            return Plan((), (), 0.0, 0.0, False)
+        cheapest = min(cands, key=lambda e: (e.energy_mj, e.latency_ms, e.id))
+        lat, energy = set_cost([cheapest], self.settings.overhead_ms, busy)
+        return Plan((cheapest,), (1.0,), lat, energy, False)

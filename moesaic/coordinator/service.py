@@ -1,0 +1,192 @@
+"""The gRPC adapter of the coordinator: ``moesaic.v1.Coordinator`` Perceive and PerceiveStream.
+
+Wire types are converted to domain types here and the transport-neutral
+:class:`~moesaic.coordinator.core.Coordinator` does the work; domain errors map to gRPC
+status codes through :func:`moesaic.rpc.status_of` (unary) or become the ``error`` field of
+a stream response (the stream goes on). :func:`serve` runs the server with health,
+reflection, Prometheus metrics and systemd READY/watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2
+
+from moesaic.coordinator.config import FleetConfig
+from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
+from moesaic.coordinator.inputs import decode_inputs
+from moesaic.coordinator.selection import Budget
+from moesaic.metrics import Metrics
+from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
+from moesaic.rpc import abort_async, add_health_and_reflection, add_port, create_server, status_of
+from moesaic.runtime.engine import datatype_of
+from moesaic.systemd import Watchdog, notify_ready, notify_stopping
+
+__all__ = ["COORDINATOR_SERVICE", "CoordinatorServicer", "serve", "to_domain", "to_proto"]
+
+COORDINATOR_SERVICE = "moesaic.v1.Coordinator"
+log = logging.getLogger(__name__)
+
+
+def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
+    """A ``PerceiveRequest`` as a :class:`PerceiveInput`; ``ValueError`` naming the bad field."""
+    if not request.task:
+        raise ValueError("task: required (e.g. detection, bev_segmentation)")
+    b = request.budget
+    for name, value in (("latency_ms", b.latency_ms), ("energy_mj", b.energy_mj)):
+        if not np.isfinite(value) or value < 0:
+            raise ValueError(f"budget.{name}: expected a finite value >= 0 (0 = unbounded), got {value}")
+    options = dict(request.options)
+    return PerceiveInput(
+        task=request.task,
+        inputs=decode_inputs(request.task, request, options),
+        budget=Budget(b.latency_ms, b.energy_mj),
+        request_id=request.request_id,
+        options=options,
+        deadline=deadline,
+    )
+
+
+def _tensor(name: str, array: np.ndarray) -> Any:
+    arr = np.ascontiguousarray(array)
+    return moesaic_pb2.Tensor(
+        name=name, datatype=datatype_of(arr.dtype), shape=list(arr.shape), data=arr.tobytes()
+    )
+
+
+def to_proto(p: Perception) -> Any:
+    """A :class:`Perception` as a ``PerceiveResponse``."""
+    response = moesaic_pb2.PerceiveResponse(
+        request_id=p.request_id,
+        task=p.task,
+        predicted_latency_ms=p.predicted_latency_ms,
+        predicted_energy_mj=p.predicted_energy_mj,
+        measured_latency_ms=p.measured_latency_ms,
+        measured_energy_mj=p.measured_energy_mj,
+        energy_measured=p.energy_measured,
+        budget_met=p.budget_met,
+    )
+    for r in p.runs:
+        response.experts.add(
+            expert_id=r.expert.id,
+            node=r.expert.node,
+            model=r.expert.model,
+            weight=r.weight,
+            latency_ms=r.latency_ms,
+            energy_mj=r.energy_mj,
+            energy_measured=r.energy_measured,
+            status=r.status,
+            error=r.error,
+        )
+    fused = p.fused
+    if fused.detections is not None:
+        d = fused.detections
+        response.detections.SetInParent()
+        for i in range(len(d)):
+            response.detections.items.add(
+                xyxy=[float(v) for v in d.boxes[i]],
+                score=float(d.scores[i]),
+                class_id=int(d.class_ids[i]),
+                class_name=d.name_of(i),
+            )
+    elif fused.grid is not None:
+        response.grid.CopyFrom(_tensor(*fused.grid))
+    elif fused.text is not None:
+        response.text = fused.text
+    for name, arr in fused.extras.items():
+        response.extras.append(_tensor(name, arr))
+    return response
+
+
+class CoordinatorServicer(moesaic_pb2_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator, metrics: Metrics | None = None) -> None:
+        self.coordinator = coordinator
+        self.metrics = metrics
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(method=method, code=code.name).inc()
+
+    async def _handle(self, request: Any, deadline: float | None) -> Any:
+        return to_proto(await self.coordinator.perceive(to_domain(request, deadline)))
+
+    async def Perceive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        try:
+            response = await self._handle(request, deadline)
+        except Exception as exc:
+            code, _ = status_of(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("Perceive failed")
+            self._count("Perceive", code)
+            await abort_async(context, exc)
+        self._count("Perceive", grpc.StatusCode.OK)
+        return response
+
+    async def PerceiveStream(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Any]:
+        async for request in request_iterator:
+            remaining = context.time_remaining()
+            deadline = time.monotonic() + remaining if remaining is not None else None
+            try:
+                response = await self._handle(request, deadline)
+            except Exception as exc:
+                code, message = status_of(exc)
+                if code == grpc.StatusCode.INTERNAL:
+                    log.exception("PerceiveStream request failed")
+                self._count("PerceiveStream", code)
+                yield moesaic_pb2.PerceiveResponse(
+                    request_id=request.request_id, task=request.task, error=f"{code.name}: {message}"
+                )
+                continue
+            self._count("PerceiveStream", grpc.StatusCode.OK)
+            yield response
+
+
+async def serve(
+    config: FleetConfig, listen: str, *, ready: asyncio.Event | None = None, bound: list[int] | None = None
+) -> None:
+    """Run the coordinator on ``listen`` until SIGINT/SIGTERM (or cancellation)."""
+    settings = config.coordinator
+    metrics = Metrics(component="coordinator")
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    server = create_server(max_message_bytes=settings.max_message_bytes, aio=True)
+    async with Coordinator(config, metrics=metrics) as coordinator:
+        moesaic_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, metrics), server)
+        health = add_health_and_reflection(server, [COORDINATOR_SERVICE])
+        port = add_port(server, listen, tls=settings.tls)
+        if bound is not None:
+            bound.append(port)
+        await server.start()
+        for name in ("", COORDINATOR_SERVICE):
+            await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        up = len(coordinator.registry.experts())
+        log.info("coordinator listening on port %d with %d experts up", port, up)
+        notify_ready(f"serving on port {port}, {up} experts up")
+        if ready is not None:
+            ready.set()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, stop.set)
+        try:
+            async with Watchdog():
+                await stop.wait()
+        finally:
+            notify_stopping()
+            for name in ("", COORDINATOR_SERVICE):
+                await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await server.stop(grace=2.0)
