@@ -120,6 +120,7 @@ def synthetic_inputs(
 
 def _profile_command(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
@@ -142,7 +143,7 @@ def _profile_command(args: argparse.Namespace) -> int:
             models = [m for m in models if m.name in args.model]
         device = discover_device(args.device)
     except (ValueError, LookupError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
 
     records: list[ProfileRecord] = []
@@ -161,7 +162,7 @@ def _profile_command(args: argparse.Namespace) -> int:
                 served.load(device)
                 engine = served.engine
                 if engine is None:
-                    console.print(f"[red]{served.name}: failed to load: {served.error}[/red]")
+                    console.print(f"[red]{escape(served.name)}: failed to load: {escape(served.error)}[/red]")
                     failed += 1
                     continue
                 try:
@@ -191,7 +192,7 @@ def _profile_command(args: argparse.Namespace) -> int:
                         )
                         records.append(record)
                 except (ValueError, EngineError) as exc:
-                    console.print(f"[red]{served.name}: profiling failed: {exc}[/red]")
+                    console.print(f"[red]{escape(served.name)}: profiling failed: {escape(str(exc))}[/red]")
                     failed += 1
                 finally:
                     served.close()
@@ -234,13 +235,14 @@ def _profile_command(args: argparse.Namespace) -> int:
 
 def _build_command(args: argparse.Namespace) -> int:
     from rich.console import Console
+    from rich.markup import escape
 
     from moesaic.runtime.tensorrt_build import BuildProgress, build_plan
 
     console = Console(stderr=True)
     try:
         with console.status(f"building {args.out} from {args.onnx}") as status:
-            progress = BuildProgress(lambda line: status.update(f"building {args.out}: {line}"))
+            progress = BuildProgress(lambda line: status.update(f"building {args.out}: {escape(line)}"))
             build_plan(
                 args.onnx,
                 args.out,
@@ -252,10 +254,10 @@ def _build_command(args: argparse.Namespace) -> int:
                 progress=progress,
             )
     except MissingExtraError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 3
     except (ValueError, EngineError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     console.print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     return 0

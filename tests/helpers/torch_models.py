@@ -1,0 +1,90 @@
+"""Small PyTorch models saved as TorchScript or torch.export model folders, for tests.
+
+``AddNet`` computes what ``tests.helpers.onnx_models.write_add_model`` builds in ONNX
+(``y = x + 1``, ``total = sum(x)``), so one contract test can run it on every backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moesaic.runtime.engine import TensorSpec
+from moesaic.runtime.torch_engine import save_torch_model
+
+__all__ = [
+    "ADD_INPUTS",
+    "ADD_OUTPUTS",
+    "AddNet",
+    "ConvNet",
+    "write_torch_add_model",
+    "write_torch_conv_model",
+]
+
+ADD_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
+ADD_OUTPUTS = (TensorSpec("y", "FP32", (-1, 4)), TensorSpec("total", "FP32", ()))
+
+
+class AddNet(torch.nn.Module):
+    """``{"y": x + 1, "total": x.sum()}``; a dict output, matched to outputs by name."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": x + 1, "total": x.sum()}
+
+
+class ConvNet(torch.nn.Module):
+    """A 3x3 convolution and a global pool: two tensor outputs (a tuple)."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = torch.relu(self.conv(x))
+        return y, y.mean(dim=(2, 3))
+
+
+def write_torch_add_model(root: Path, name: str, fmt: str, *, model_yaml: str | None = None) -> Path:
+    """Folder ``root/name`` holding AddNet as ``model.ts`` (fmt "torchscript") or ``model.pt2``."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AddNet().eval()
+    example = torch.zeros(2, 4)
+    if fmt == "torchscript":
+        save_torch_model(torch.jit.script(model), folder / "model.ts", inputs=ADD_INPUTS, outputs=ADD_OUTPUTS)
+    else:
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},)
+        )
+        save_torch_model(program, folder / "model.pt2", inputs=ADD_INPUTS, outputs=ADD_OUTPUTS)
+    if model_yaml is not None:
+        (folder / "model.yaml").write_text(model_yaml)
+    return folder
+
+
+def write_torch_conv_model(folder: Path, fmt: str, *, size: int = 8, metadata: bool = True) -> Path:
+    """ConvNet on ``[-1, 3, size, size]`` as ``model.ts`` or ``model.pt2`` in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model = ConvNet().eval()
+    example = torch.zeros(2, 3, size, size)
+    inputs = (TensorSpec("images", "FP32", (-1, 3, size, size)),)
+    outputs = (TensorSpec("features", "FP32", (-1, 4, size, size)), TensorSpec("pooled", "FP32", (-1, 4)))
+    if fmt == "torchscript":
+        scripted = torch.jit.trace(model, example)
+        path = folder / "model.ts"
+        if metadata:
+            save_torch_model(scripted, path, inputs=inputs, outputs=outputs)
+        else:
+            torch.jit.save(scripted, str(path))
+    else:
+        program = torch.export.export(
+            model, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},)
+        )
+        path = folder / "model.pt2"
+        if metadata:
+            save_torch_model(program, path, inputs=inputs, outputs=outputs)
+        else:
+            torch.export.save(program, str(path))
+    return folder
