@@ -123,7 +123,7 @@ def test_bad_input_raises_value_error(
             )
         )
     with engine:
-        with pytest.raises(ValueError, match="x|z"):
+        with pytest.raises(ValueError, match=r"x|z"):
             engine.infer(inputs)
         out = engine.infer({"x": np.ones((2, 4), np.float32)})  # still serving afterwards
         np.testing.assert_allclose(out["y"], 2.0)

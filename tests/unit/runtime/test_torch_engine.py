@@ -53,7 +53,7 @@ def test_export_program_without_metadata_reads_the_graph(tmp_path: Path) -> None
 
 def test_torchscript_without_metadata_needs_declared_io(tmp_path: Path) -> None:
     write_torch_conv_model(tmp_path, "torchscript", metadata=False)
-    with pytest.raises(EngineError, match="engine.inputs"):
+    with pytest.raises(EngineError, match=r"engine\.inputs"):
         create_engine({"type": "torch", "device": "cpu"}, tmp_path).load()
     config = {
         "type": "torch",
