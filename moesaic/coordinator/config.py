@@ -148,6 +148,14 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _errors(exc: ValidationError, limit: int = 4) -> str:
+    """Every validation error as ``field: message``, joined with ``; ``."""
+    parts = [f"{_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()[:limit]]
+    if exc.error_count() > limit:
+        parts.append(f"and {exc.error_count() - limit} more errors")
+    return "; ".join(parts)
+
+
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     section = dict(data.get("coordinator") or {})
     for key, value in env.items():
@@ -173,9 +181,7 @@ def parse_fleet(
         data = _env_overrides(data, os.environ if env is None else env)
         config = FleetConfig.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
-        raise ValueError(f"{source}: {_loc(tuple(first['loc']))}: {first['msg']}{more}") from None
+        raise ValueError(f"{source}: {_errors(exc)}") from None
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     if base is not None:

@@ -67,14 +67,20 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _errors(exc: ValidationError, limit: int = 4) -> str:
+    """Every validation error as ``field: message``, joined with ``; ``."""
+    parts = [f"{_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()[:limit]]
+    if exc.error_count() > limit:
+        parts.append(f"and {exc.error_count() - limit} more errors")
+    return "; ".join(parts)
+
+
 def parse_problem(data: Any, *, source: str = "problem") -> tuple[SelectionProblem, Budget]:
     """Validate a decoded problem document; ``ProblemError`` names ``source`` and the field."""
     try:
         doc = _Problem.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more errors)" if exc.error_count() > 1 else ""
-        raise ProblemError(f"{source}: {_loc(tuple(first['loc']))}: {first['msg']}{more}") from None
+        raise ProblemError(f"{source}: {_errors(exc)}") from None
     n = len(doc.experts)
     ids = [e.id for e in doc.experts]
     for i, e in enumerate(doc.experts):

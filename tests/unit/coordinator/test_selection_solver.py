@@ -86,7 +86,13 @@ def test_mixing_beats_every_single_expert_when_strengths_complement() -> None:
 def test_latency_queues_per_device_and_overlaps_across_devices() -> None:
     q = np.full((3, 3), 0.5)
     p = SelectionProblem.from_arrays(
-        ["a", "b", "c"], ["gpu", "gpu", "cpu"], [10, 10, 10], [1, 1, 1], q=q, gate=np.ones((3, 3)), overhead_ms=2
+        ["a", "b", "c"],
+        ["gpu", "gpu", "cpu"],
+        [10, 10, 10],
+        [1, 1, 1],
+        q=q,
+        gate=np.ones((3, 3)),
+        overhead_ms=2,
     )
     assert subset_cost(p, [0, 2]) == (12.0, 2.0)  # different devices overlap
     assert subset_cost(p, [0, 1]) == (22.0, 2.0)  # one device queues

@@ -1,0 +1,91 @@
+"""Fusion per task with gate weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from moesaic.coordinator.fusion import ExpertOutput, fuse
+
+
+def test_detections_weighted_boxes_fusion() -> None:
+    a = {
+        "boxes": np.array([[10, 10, 50, 50]], np.float32),
+        "scores": np.array([0.9], np.float32),
+        "class_ids": np.array([1]),
+    }
+    b = {
+        "boxes": np.array([[14, 14, 54, 54], [200, 200, 220, 220]], np.float32),
+        "scores": np.array([0.5, 0.8], np.float32),
+        "class_ids": np.array([1, 0]),
+    }
+    fused = fuse(
+        "detection",
+        [ExpertOutput("a", 3.0, a), ExpertOutput("b", 1.0, b)],
+        image_size=(320, 240),
+        class_names=("car", "person"),
+    ).detections
+    assert fused is not None and len(fused) == 2
+    merged = fused.select(fused.class_ids == 1)
+    # The fused box lies between the two, nearer the heavier expert a (weight 0.75).
+    x1 = float(merged.boxes[0, 0])
+    assert 10 < x1 < 12.5
+    assert merged.scores[0] == pytest.approx(0.75 * 0.9 + 0.25 * 0.5, abs=1e-3)
+    lone = fused.select(fused.class_ids == 0)
+    assert lone.scores[0] == pytest.approx(0.25 * 0.8, abs=1e-3)  # only b saw it
+    assert np.allclose(lone.boxes[0], [200, 200, 220, 220], atol=0.1)
+    assert fused.name_of(0) in ("car", "person")
+
+
+def test_detections_all_empty() -> None:
+    empty = {
+        "boxes": np.zeros((0, 4), np.float32),
+        "scores": np.zeros(0, np.float32),
+        "class_ids": np.zeros(0),
+    }
+    fused = fuse("detection", [ExpertOutput("a", 1.0, empty)]).detections
+    assert fused is not None and len(fused) == 0
+
+
+def test_segmentation_weighted_probabilities() -> None:
+    pa = np.zeros((2, 2, 2), np.float32)
+    pa[0] = 1.0
+    pb = np.zeros((2, 2, 2), np.float32)
+    pb[1] = 1.0
+    fused = fuse(
+        "bev_segmentation", [ExpertOutput("a", 0.3, {"probs": pa}), ExpertOutput("b", 0.7, {"probs": pb})]
+    )
+    assert fused.grid is not None and fused.grid[0] == "classes"
+    assert fused.grid[1].dtype == np.uint8 and np.all(fused.grid[1] == 1)
+    assert np.allclose(fused.extras["probs"][1], 0.7)
+
+
+def test_reconstruction_mean_classification_and_text() -> None:
+    fused = fuse(
+        "bev_reconstruction",
+        [
+            ExpertOutput("a", 1, {"bev": np.zeros((1, 2, 2))}),
+            ExpertOutput("b", 3, {"bev": np.ones((1, 2, 2))}),
+        ],
+    )
+    assert fused.grid is not None and np.allclose(fused.grid[1], 0.75)
+    text = fuse(
+        "vlm",
+        [
+            ExpertOutput("a", 0.4, {"text": np.array([b"a car"], object)}),
+            ExpertOutput("b", 0.6, {"text": np.array([b"two cars"], object)}),
+        ],
+    )
+    assert text.text == "two cars"
+
+
+def test_mismatched_shapes_and_missing_outputs_name_the_expert() -> None:
+    with pytest.raises(ValueError, match="expert b: probs has shape"):
+        fuse(
+            "classification",
+            [ExpertOutput("a", 1, {"probs": np.ones(3)}), ExpertOutput("b", 1, {"probs": np.ones(4)})],
+        )
+    with pytest.raises(ValueError, match="expert a: output 'bev' missing"):
+        fuse("bev_reconstruction", [ExpertOutput("a", 1, {"probs": np.ones(3)})])
+    with pytest.raises(ValueError, match="fuses only"):
+        fuse("juggling", [ExpertOutput("a", 1, {})])
