@@ -1,0 +1,194 @@
+"""systemd unit files of a moesaic deployment: one node per config, the coordinator, the bridge.
+
+:func:`render_units` returns ``{file name: text}``; ``moesaic install-units`` writes them.
+Every service is ``Type=notify`` (READY once serving, a watchdog fed from the serving loop),
+restarts on failure, runs as a dynamic user (or ``user``) in a read-only file system, and
+reads its secrets from systemd credentials (``LoadCredential=``, files under ``$CREDENTIALS_DIRECTORY``).
+
+>>> units = render_units(UnitsConfig(executable=Path("/opt/moesaic/bin/moesaic")))
+>>> sorted(units)
+['moesaic-coordinator.service', 'moesaic-ingest.service', 'moesaic-node@.service']
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+__all__ = ["UNIT_NAMES", "UnitsConfig", "load_units_config", "render_units"]
+
+UNIT_NAMES = ("moesaic-node@.service", "moesaic-coordinator.service", "moesaic-ingest.service")
+
+
+class UnitsConfig(BaseModel):
+    """How the units run moesaic: where the binary and the configs are, as whom, which secrets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    executable: Path = Field(
+        default=Path("/opt/moesaic/.venv/bin/moesaic"), description="absolute path of the moesaic command"
+    )
+    config_dir: Path = Field(
+        default=Path("/etc/moesaic"),
+        description="holds fleet.yaml, ingest.yaml and nodes/NAME.yaml (moesaic-node@NAME)",
+    )
+    user: str | None = Field(default=None, description="run as this existing user; a DynamicUser when unset")
+    watchdog_sec: int = Field(default=30, ge=2, description="WatchdogSec= (services ping every half of it)")
+    node_start_timeout_sec: int = Field(default=600, ge=10, description="model loading may take this long")
+    credentials: dict[str, dict[str, Path]] = Field(
+        default_factory=dict,
+        description="per unit kind (node, coordinator, ingest): credential name -> file, as LoadCredential=",
+    )
+    environment: dict[str, dict[str, str]] = Field(
+        default_factory=dict, description="per unit kind: extra Environment= variables"
+    )
+
+    @field_validator("executable", "config_dir")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        if not path.is_absolute():
+            raise ValueError(f"must be an absolute path, got {str(path)!r}")
+        return path
+
+    @field_validator("credentials", "environment")
+    @classmethod
+    def _kinds(cls, value: dict[str, object]) -> dict[str, object]:
+        unknown = set(value) - {"node", "coordinator", "ingest"}
+        if unknown:
+            raise ValueError(f"unknown unit kind(s) {sorted(unknown)}; expected node, coordinator, ingest")
+        return value
+
+
+def load_units_config(path: Path | None = None, **overrides: object) -> UnitsConfig:
+    """Read ``path`` (YAML) and apply non-None ``overrides``; ``ValueError`` naming file and field."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ValueError(f"{path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: expected a mapping at the top level")
+        data.update(loaded)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return UnitsConfig.model_validate(data)
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"{path or 'units config'}: {details}") from None
+
+
+def _hardening(config: UnitsConfig, *, devices: bool) -> str:
+    who = f"User={config.user}\nGroup={config.user}" if config.user else "DynamicUser=yes"
+    device_lines = (
+        "# GPUs and Jetson power rails need /dev and sysfs; keep devices visible.\nPrivateDevices=no"
+        if devices
+        else "PrivateDevices=yes"
+    )
+    clock = "" if devices else "ProtectClock=yes\n"  # its implied DeviceAllow= would hide GPUs
+    protect_home = "read-only" if str(config.executable).startswith(("/home/", "/root/")) else "yes"
+    return f"""{who}
+StateDirectory=moesaic
+CacheDirectory=moesaic
+RuntimeDirectory=%N
+WorkingDirectory=/var/lib/moesaic
+UMask=0077
+NoNewPrivileges=yes
+ProtectSystem=strict
+ProtectHome={protect_home}
+PrivateTmp=yes
+{device_lines}
+ProtectKernelTunables=yes
+ProtectKernelModules=yes
+ProtectKernelLogs=yes
+ProtectControlGroups=yes
+{clock}ProtectHostname=yes
+RestrictNamespaces=yes
+RestrictRealtime=yes
+RestrictSUIDSGID=yes
+LockPersonality=yes
+RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
+SystemCallArchitectures=native
+CapabilityBoundingSet=
+AmbientCapabilities="""
+
+
+def _extras(config: UnitsConfig, kind: str) -> str:
+    lines = [
+        f"LoadCredential={name}:{path}" for name, path in sorted(config.credentials.get(kind, {}).items())
+    ]
+    lines += [f'Environment="{k}={v}"' for k, v in sorted(config.environment.get(kind, {}).items())]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+_COMMON = """Type=notify
+NotifyAccess=main
+WatchdogSec={watchdog}
+Restart=on-failure
+RestartSec=2
+TimeoutStopSec=30
+KillMode=mixed
+Environment=PYTHONUNBUFFERED=1"""
+
+
+def render_units(config: UnitsConfig) -> dict[str, str]:
+    """The text of every unit file for ``config``."""
+    exe, cfg = config.executable, config.config_dir
+    common = _COMMON.format(watchdog=config.watchdog_sec)
+    header = (
+        "# Generated by `moesaic install-units`; edit the units config and re-run rather than this file.\n"
+    )
+    node = f"""{header}[Unit]
+Description=moesaic node %i: perception experts over gRPC (KServe v2)
+Documentation=man:systemd.service(5)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+{common}
+TimeoutStartSec={config.node_start_timeout_sec}
+ExecStart={exe} node --config {cfg}/nodes/%i.yaml --node-id %i
+# Secrets (e.g. the TLS key) as credentials: LoadCredential=tls-key:/etc/moesaic/node.key and
+# Environment=MOESAIC_NODE_TLS__KEY=%d/tls-key in the units config.
+{_extras(config, "node")}{_hardening(config, devices=True)}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    coordinator = f"""{header}[Unit]
+Description=moesaic coordinator: expert selection under latency and energy budgets (gRPC)
+Documentation=man:systemd.service(5)
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+{common}
+TimeoutStartSec=120
+ExecStart={exe} coordinator --config {cfg}/fleet.yaml
+{_extras(config, "coordinator")}{_hardening(config, devices=False)}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    ingest = f"""{header}[Unit]
+Description=moesaic ingest: MQTT sensor frames to the coordinator, results back to MQTT
+Documentation=man:systemd.service(5)
+After=network-online.target moesaic-coordinator.service
+Wants=network-online.target
+
+[Service]
+{common}
+TimeoutStartSec=120
+ExecStart={exe} ingest --config {cfg}/ingest.yaml
+# The broker password: password_credential: mqtt-password in ingest.yaml and
+# LoadCredential=mqtt-password:/etc/moesaic/credentials/mqtt-password here.
+{_extras(config, "ingest")}{_hardening(config, devices=False)}
+
+[Install]
+WantedBy=multi-user.target
+"""
+    return dict(zip(UNIT_NAMES, (node, coordinator, ingest), strict=True))

@@ -1,0 +1,125 @@
+"""systemd unit files: rendering, `moesaic install-units`, `systemd-analyze verify`, deploy/ up to date."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moesaic.cli import main
+from moesaic.ingest.units import UNIT_NAMES, UnitsConfig, load_units_config, render_units
+
+REPO = Path(__file__).resolve().parents[3]
+VENV_MOESAIC = Path(sys.executable).parent / "moesaic"
+
+
+def moesaic_executable(tmp_path: Path) -> Path:
+    """The venv's moesaic (verify needs ExecStart to exist); a stand-in script when not installed."""
+    if VENV_MOESAIC.exists():
+        return VENV_MOESAIC.absolute()
+    stub = tmp_path / "bin" / "moesaic"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    return stub
+
+
+def test_install_units_writes_units_that_systemd_analyze_verifies(tmp_path: Path) -> None:
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    exe = moesaic_executable(tmp_path)
+    ingest_yaml = tmp_path / "ingest.yaml"
+    ingest_yaml.write_text("username: moesaic\npassword_credential: mqtt-password\n")
+    prefix = tmp_path / "units"
+    status = main(
+        [
+            "install-units",
+            "--prefix",
+            str(prefix),
+            "--executable",
+            str(exe),
+            "--ingest-config",
+            str(ingest_yaml),
+        ]
+    )
+    assert status == 0
+    assert sorted(p.name for p in prefix.iterdir()) == sorted(UNIT_NAMES)
+    (prefix / "moesaic-node@jetson1.service").symlink_to("moesaic-node@.service")
+    units = [*UNIT_NAMES[1:], "moesaic-node@jetson1.service"]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *units], cwd=prefix, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+    ingest = (prefix / "moesaic-ingest.service").read_text()
+    assert "LoadCredential=mqtt-password:/etc/moesaic/credentials/mqtt-password" in ingest
+    assert f"ExecStart={exe} ingest --config /etc/moesaic/ingest.yaml" in ingest
+
+
+def test_verify_catches_a_broken_unit(tmp_path: Path) -> None:
+    """The check above could fail: a misspelt key and a missing binary are both reported."""
+    if not shutil.which("systemd-analyze"):
+        pytest.skip("systemd-analyze is not installed")
+    units = render_units(UnitsConfig(executable=tmp_path / "missing" / "moesaic"))
+    path = tmp_path / "moesaic-ingest.service"
+    path.write_text(units["moesaic-ingest.service"].replace("ProtectSystem=", "ProtectSistem="))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", path.name], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert "ProtectSistem" in result.stderr and "not executable" in result.stderr
+
+
+@pytest.mark.parametrize("name", UNIT_NAMES)
+def test_every_unit_is_notify_watchdog_restart_and_hardened(name: str) -> None:
+    text = render_units(UnitsConfig())[name]
+    for line in (
+        "Type=notify",
+        "WatchdogSec=30",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "NoNewPrivileges=yes",
+        "CapabilityBoundingSet=",
+    ):
+        assert f"\n{line}\n" in text, f"{name} lacks {line}"
+
+
+def test_user_credentials_and_environment_are_rendered() -> None:
+    config = UnitsConfig(
+        user="moesaic",
+        watchdog_sec=10,
+        credentials={"node": {"tls-key": Path("/etc/moesaic/node.key")}},
+        environment={"node": {"MOESAIC_NODE_TLS__KEY": "%d/tls-key"}},
+    )
+    node = render_units(config)["moesaic-node@.service"]
+    assert "User=moesaic\nGroup=moesaic" in node and "DynamicUser" not in node
+    assert "LoadCredential=tls-key:/etc/moesaic/node.key" in node
+    assert 'Environment="MOESAIC_NODE_TLS__KEY=%d/tls-key"' in node
+    assert "WatchdogSec=10" in node and "--config /etc/moesaic/nodes/%i.yaml --node-id %i" in node
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ("executable: relative/moesaic\n", "executable"),
+        ("watchdog_sec: 1\n", "watchdog_sec"),
+        ("credentials: {gpu: {a: /x}}\n", "credentials"),
+        ("colour: blue\n", "colour"),
+    ],
+)
+def test_bad_units_config_names_file_and_field(tmp_path: Path, yaml_text: str, field: str) -> None:
+    path = tmp_path / "units.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ValueError, match=rf"{path}.*{field}"):
+        load_units_config(path)
+
+
+def test_deploy_units_match_the_generator() -> None:
+    """deploy/systemd/ holds the default units; regenerate with the command in its README."""
+    for name, text in render_units(UnitsConfig()).items():
+        assert (REPO / "deploy" / "systemd" / name).read_text() == text, f"deploy/systemd/{name} is stale"
