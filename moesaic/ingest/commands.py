@@ -139,7 +139,8 @@ def run_install_units(args: argparse.Namespace) -> int:
         path.write_text(text)
         print(f"wrote {path}")
     print(
-        "next: systemctl daemon-reload && systemctl enable --now moesaic-node@NAME moesaic-coordinator moesaic-ingest"
+        "next: systemctl daemon-reload && "
+        "systemctl enable --now moesaic-node@NAME moesaic-coordinator moesaic-ingest"
     )
     return 0
 
