@@ -1,0 +1,154 @@
+"""YOLO pre- and post-processing in numpy, matching ultralytics' predictor.
+
+Used by the ONNX and TensorRT paths, where ultralytics is not installed (Jetson, node hosts):
+
+- :func:`letterbox`: resize keeping the aspect ratio (bilinear with OpenCV's pixel-centre
+  convention) and pad to the model's square input with grey 114, centred, with
+  ultralytics' rounding of the padding;
+- :func:`to_tensor`: HWC uint8 RGB -> NCHW float32 in [0, 1];
+- :func:`decode`: ``[1, 4 + nc, A]`` raw head output (xywh + class scores) -> confidence
+  filter, best class, class-aware NMS (IoU > ``iou`` suppressed), at most ``max_det`` boxes;
+- :func:`scale_boxes`: letterbox pixels back to original pixels, clipped.
+
+>>> img = np.zeros((100, 200, 3), np.uint8)
+>>> padded, info = letterbox(img, 64)
+>>> padded.shape, info.pad_y
+((64, 64, 3), 16)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LetterboxInfo", "decode", "letterbox", "nms", "resize_bilinear", "scale_boxes", "to_tensor"]
+
+PAD_VALUE = 114
+_MAX_WH = 7680  # class offset for class-aware NMS, as in ultralytics
+
+
+@dataclass(frozen=True)
+class LetterboxInfo:
+    """How an image was letterboxed: original (h, w), per-axis gain and left/top padding."""
+
+    orig_shape: tuple[int, int]
+    gain_x: float
+    gain_y: float
+    pad_x: int
+    pad_y: int
+
+
+def _axis(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    scale = src / dst
+    f = (np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5
+    i0 = np.floor(f).astype(np.int64)
+    frac = f - i0
+    frac[i0 < 0] = 0.0
+    i0 = np.clip(i0, 0, src - 1)
+    high = i0 >= src - 1
+    frac[high] = 0.0
+    i1 = np.minimum(i0 + 1, src - 1)
+    return i0, i1, frac.astype(np.float32)
+
+
+def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Bilinear resize of an HWC uint8 image (OpenCV ``INTER_LINEAR`` sampling grid)."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image.copy()
+    y0, y1, fy = _axis(h, height)
+    x0, x1, fx = _axis(w, width)
+    img = image.astype(np.float32)
+    top = img[y0] * (1.0 - fy)[:, None, None] + img[y1] * fy[:, None, None]
+    out = top[:, x0] * (1.0 - fx)[None, :, None] + top[:, x1] * fx[None, :, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def letterbox(image: np.ndarray, imgsz: int | tuple[int, int]) -> tuple[np.ndarray, LetterboxInfo]:
+    """Resize ``image`` (HWC) to fit ``imgsz`` keeping its aspect ratio, pad centred with 114."""
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image: expected [H, W, 3], got shape {list(image.shape)}")
+    new_h, new_w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    h, w = image.shape[:2]
+    r = min(new_h / h, new_w / w)
+    unpad_w, unpad_h = max(round(w * r), 1), max(round(h * r), 1)
+    dw, dh = (new_w - unpad_w) / 2, (new_h - unpad_h) / 2
+    top, left = round(dh - 0.1), round(dw - 0.1)
+    resized = resize_bilinear(image, unpad_w, unpad_h)
+    out = np.full((new_h, new_w, 3), PAD_VALUE, np.uint8)
+    out[top : top + unpad_h, left : left + unpad_w] = resized
+    return out, LetterboxInfo((h, w), unpad_w / w, unpad_h / h, left, top)
+
+
+def to_tensor(image: np.ndarray) -> np.ndarray:
+    """HWC uint8 RGB -> ``[1, 3, H, W]`` float32 in [0, 1], contiguous."""
+    return np.ascontiguousarray(image.transpose(2, 0, 1)[None], dtype=np.float32) / np.float32(255.0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
+    """Indices kept by greedy NMS (highest score first; IoU > ``iou`` suppressed)."""
+    order = np.argsort(-scores, kind="stable")
+    x1, y1, x2, y2 = (boxes[:, k].astype(np.float64) for k in range(4))
+    areas = (x2 - x1) * (y2 - y1)
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        h = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = w * h
+        union = areas[i] + areas[rest] - inter
+        overlap = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        order = rest[overlap <= iou]
+    return np.array(keep, dtype=np.int64)
+
+
+def decode(
+    prediction: np.ndarray,
+    *,
+    conf: float = 0.25,
+    iou: float = 0.7,
+    max_det: int = 300,
+    max_nms: int = 30000,
+    agnostic: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Boxes (xyxy, letterbox pixels), scores and class ids from one ``[1, 4+nc, A]`` output."""
+    pred = np.asarray(prediction, dtype=np.float32)
+    if pred.ndim == 3:
+        if pred.shape[0] != 1:
+            raise ValueError(f"prediction: expected batch 1, got shape {list(pred.shape)}")
+        pred = pred[0]
+    if pred.ndim != 2 or pred.shape[0] < 5:
+        raise ValueError(
+            f"prediction: expected [1, 4 + classes, anchors], got shape {list(prediction.shape)}"
+        )
+    x = pred.T  # [A, 4 + nc]
+    cls_scores = x[:, 4:]
+    best = cls_scores.max(axis=1)
+    x = x[best > conf]
+    if not len(x):
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    cls_scores = x[:, 4:]
+    class_ids = cls_scores.argmax(axis=1)
+    scores = cls_scores[np.arange(len(x)), class_ids]
+    cx, cy, w, h = x[:, 0], x[:, 1], x[:, 2], x[:, 3]
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    if len(boxes) > max_nms:
+        top = np.argsort(-scores, kind="stable")[:max_nms]
+        boxes, scores, class_ids = boxes[top], scores[top], class_ids[top]
+    offset = 0.0 if agnostic else class_ids[:, None].astype(np.float32) * _MAX_WH
+    keep = nms(boxes + offset, scores, iou)[:max_det]
+    return boxes[keep].astype(np.float32), scores[keep].astype(np.float32), class_ids[keep].astype(np.int64)
+
+
+def scale_boxes(boxes: np.ndarray, info: LetterboxInfo) -> np.ndarray:
+    """Map xyxy boxes from letterbox pixels to original image pixels, clipped to the image."""
+    out = np.asarray(boxes, dtype=np.float32).reshape(-1, 4).copy()
+    out[:, [0, 2]] = (out[:, [0, 2]] - info.pad_x) / info.gain_x
+    out[:, [1, 3]] = (out[:, [1, 3]] - info.pad_y) / info.gain_y
+    h, w = info.orig_shape
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, w)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, h)
+    return out
