@@ -76,7 +76,9 @@ class TlsConfig(BaseModel):
 
     cert: Path | None = Field(None, description="PEM certificate chain of this side.")
     key: Path | None = Field(None, description="PEM private key of `cert`.")
-    client_ca: Path | None = Field(None, description="Server: PEM CA bundle; clients must present a cert it signed.")
+    client_ca: Path | None = Field(
+        None, description="Server: PEM CA bundle; clients must present a cert it signed."
+    )
     ca: Path | None = Field(None, description="Client: PEM CA bundle that signed the server's certificate.")
     server_name: str | None = Field(None, description="Client: expected server name (overrides the host).")
 
@@ -113,7 +115,9 @@ def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials:
 def channel_credentials(tls: TlsConfig) -> grpc.ChannelCredentials:
     """Client credentials: trust ``tls.ca`` (or system roots), present ``cert``/``key`` if given."""
     return grpc.ssl_channel_credentials(
-        root_certificates=tls.read(tls.ca), private_key=tls.read(tls.key), certificate_chain=tls.read(tls.cert)
+        root_certificates=tls.read(tls.ca),
+        private_key=tls.read(tls.key),
+        certificate_chain=tls.read(tls.cert),
     )
 
 

@@ -59,7 +59,11 @@ class NodeClient:
     """``async with NodeClient(address, tls=...) as node:`` -> ``describe``, ``infer``, ``ready``."""
 
     def __init__(
-        self, address: str, *, tls: TlsConfig | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        *,
+        tls: TlsConfig | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.address = address
         self.tls = tls
@@ -70,7 +74,9 @@ class NodeClient:
         self._channel = create_channel(self.address, tls=self.tls, max_message_bytes=self.max_message_bytes)
         ch = self._channel
         pb = inference_pb2
-        self._infer = ch.unary_unary(_SERVICE + "ModelInfer", request_serializer=_identity, response_deserializer=_identity)
+        self._infer = ch.unary_unary(
+            _SERVICE + "ModelInfer", request_serializer=_identity, response_deserializer=_identity
+        )
         self._server_ready = ch.unary_unary(
             _SERVICE + "ServerReady",
             request_serializer=pb.ServerReadyRequest.SerializeToString,

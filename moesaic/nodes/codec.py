@@ -166,7 +166,9 @@ def deserialize_bytes_tensor(buf: Buffer, shape: Sequence[int], name: str = "ten
         items.append(view[pos : pos + length].tobytes())
         pos += length
     if len(items) != count:
-        raise ValueError(f"input {name!r}: BYTES content holds {len(items)} elements; shape {list(shape)} needs {count}")
+        raise ValueError(
+            f"input {name!r}: BYTES content holds {len(items)} elements; shape {list(shape)} needs {count}"
+        )
     out = np.empty(count, dtype=object)
     out[:] = items
     return out.reshape(tuple(shape))
@@ -178,14 +180,17 @@ def decode_tensor(name: str, datatype: str, shape: Sequence[int], buf: Buffer) -
         return deserialize_bytes_tensor(buf, shape, name)
     dtype = DATATYPES.get(datatype)
     if dtype is None:
-        raise ValueError(f"input {name!r}: unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}")
+        raise ValueError(
+            f"input {name!r}: unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
+        )
     if any(d < 0 for d in shape):
         raise ValueError(f"input {name!r}: shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * dtype.itemsize
     nbytes = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
     if nbytes != expected:
         raise ValueError(
-            f"input {name!r}: raw content is {nbytes} bytes; shape {list(shape)} of {datatype} needs {expected}"
+            f"input {name!r}: raw content is {nbytes} bytes; "
+            f"shape {list(shape)} of {datatype} needs {expected}"
         )
     return np.frombuffer(buf, dtype=dtype).reshape(shape)
 
@@ -197,7 +202,7 @@ def _tensor_bytes(array: np.ndarray) -> Buffer:
         array = np.ascontiguousarray(array)
     if array.dtype.byteorder == ">":
         array = array.astype(array.dtype.newbyteorder("<"))
-    return memoryview(array.reshape(-1)).cast("B") if array.size else b""
+    return array.reshape(-1).data.cast("B") if array.size else b""
 
 
 _CONTENTS_FIELD = {
@@ -220,11 +225,15 @@ def tensor_from_contents(name: str, datatype: str, shape: Sequence[int], content
     """numpy array from a typed ``InferTensorContents`` (the non-raw form; this one copies)."""
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise ValueError(f"input {name!r}: datatype {datatype} cannot travel in typed contents; use raw contents")
+        raise ValueError(
+            f"input {name!r}: datatype {datatype} cannot travel in typed contents; use raw contents"
+        )
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
-        raise ValueError(f"input {name!r}: contents.{field} holds {len(values)} values; shape {list(shape)} needs {count}")
+        raise ValueError(
+            f"input {name!r}: contents.{field} holds {len(values)} values; shape {list(shape)} needs {count}"
+        )
     if datatype == "BYTES":
         out = np.empty(count, dtype=object)
         out[:] = list(values)
@@ -239,7 +248,11 @@ def tensor_to_contents(array: np.ndarray, contents: Any) -> str:
     if field is None:
         raise ValueError(f"datatype {datatype} cannot travel in typed contents")
     flat = array.reshape(-1)
-    values = [x.encode() if isinstance(x, str) else bytes(x) for x in flat] if datatype == "BYTES" else flat.tolist()
+    values = (
+        [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
+        if datatype == "BYTES"
+        else flat.tolist()
+    )
     getattr(contents, field).extend(values)
     return datatype
 

@@ -37,16 +37,26 @@ class NodeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     node_id: str = Field(default_factory=socket.gethostname, description="Name of this node in the fleet.")
-    listen: str = Field("127.0.0.1:8001", description="host:port of the gRPC server (port 0 picks a free one).")
+    listen: str = Field(
+        "127.0.0.1:8001", description="host:port of the gRPC server (port 0 picks a free one)."
+    )
     models: Path | None = Field(None, description="Model repository: one sub-folder per model.")
     device: str = Field("cpu", description="'cpu', 'cuda:N', 'jetson' or 'auto'.")
     max_message_bytes: int = Field(
-        DEFAULT_MAX_MESSAGE_BYTES, gt=0, description="Largest request or reply; larger ones get RESOURCE_EXHAUSTED."
+        DEFAULT_MAX_MESSAGE_BYTES,
+        gt=0,
+        description="Largest request or reply; larger ones get RESOURCE_EXHAUSTED.",
     )
     max_workers: int = Field(8, ge=1, description="Threads serving requests concurrently.")
-    tls: TlsConfig | None = Field(None, description="TLS (and mutual TLS with client_ca); plaintext when absent.")
-    profile: Path | None = Field(None, description="Profile file (moesaic profile) advertised in Node/Describe.")
-    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus /metrics on this port.")
+    tls: TlsConfig | None = Field(
+        None, description="TLS (and mutual TLS with client_ca); plaintext when absent."
+    )
+    profile: Path | None = Field(
+        None, description="Profile file (moesaic profile) advertised in Node/Describe."
+    )
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="Serve Prometheus /metrics on this port."
+    )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight requests may finish on SIGTERM.")
 
@@ -100,7 +110,10 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_node_config(
-    path: Path | None = None, *, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> NodeConfig:
     """Config from ``path`` (optional), ``MOESAIC_NODE_*`` variables, then ``overrides``.
 

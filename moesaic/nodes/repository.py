@@ -45,10 +45,16 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="Model name clients use; default: the folder name.")
-    task: str = Field("", description="bev_segmentation, bev_reconstruction, detection, vlm, or anything else.")
+    task: str = Field(
+        "", description="bev_segmentation, bev_reconstruction, detection, vlm, or anything else."
+    )
     description: str = Field("", description="Free text shown in Node/Describe.")
-    engine: dict[str, Any] = Field(default_factory=lambda: {"type": "onnxruntime"}, description="Engine config.")
-    processor: dict[str, Any] | None = Field(None, description="Pre/post-processing: {type: NAME, ...options}.")
+    engine: dict[str, Any] = Field(
+        default_factory=lambda: {"type": "onnxruntime"}, description="Engine config."
+    )
+    processor: dict[str, Any] | None = Field(
+        None, description="Pre/post-processing: {type: NAME, ...options}."
+    )
     max_batch_size: int = Field(0, ge=0, description="Largest first dimension accepted; 0 = no limit.")
     class_names: list[str] = Field(default_factory=list, description="Class names, index = class id.")
 
@@ -105,7 +111,9 @@ def scan_models(root: Path) -> list[ServedModel]:
             continue
         spec, engine = load_model_spec(folder)
         if spec.name in models:
-            raise ValueError(f"{folder / MODEL_FILE}: name: {spec.name!r} is also used by {models[spec.name].folder}")
+            raise ValueError(
+                f"{folder / MODEL_FILE}: name: {spec.name!r} is also used by {models[spec.name].folder}"
+            )
         models[spec.name] = ServedModel(folder, spec, engine)
     return list(models.values())
 
@@ -154,7 +162,9 @@ class ServedModel:
                 engine = create_engine(self._config_for(device), self.folder)
                 engine.load()
                 described = engine.describe()
-                processor = create_processor(self.spec.processor, self.folder) if self.spec.processor else None
+                processor = (
+                    create_processor(self.spec.processor, self.folder) if self.spec.processor else None
+                )
                 self.inputs = processor.inputs(described.inputs) if processor else described.inputs
                 self.outputs = processor.outputs(described.outputs) if processor else described.outputs
                 if processor and processor.class_names():

@@ -1,8 +1,10 @@
-"""The node server's lifecycle: bind, load models (health NOT_SERVING meanwhile), serve, drain.
+"""The node server's lifecycle: bind, load models (health NOT_SERVING meanwhile), serve, drain::
 
->>> node = NodeServer(load_node_config(overrides={"listen": "127.0.0.1:0", "models": "models"}))  # doctest: +SKIP
->>> node.start(); node.wait_ready(30)                                                           # doctest: +SKIP
->>> node.stop()                                                                                  # doctest: +SKIP
+    node = NodeServer(load_node_config(overrides={"listen": "127.0.0.1:0", "models": "models"}))
+    node.start()
+    node.wait_ready(30)
+    ...
+    node.stop()
 
 Requests run on a thread pool (measured faster than ``grpc.aio`` plus an executor hop for
 short models); the engine runs in the request's thread. :meth:`run` is the long-running
@@ -54,7 +56,9 @@ class NodeServer:
         self.config = config
         if models is None:
             if config.models is None:
-                raise ValueError("models: no model repository given (--models DIR or `models:` in the config)")
+                raise ValueError(
+                    "models: no model repository given (--models DIR or `models:` in the config)"
+                )
             models = scan_models(config.models)
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
         self.device = device or discover_device(config.device)
@@ -96,7 +100,13 @@ class NodeServer:
         self._server = server
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
-        log.info("node %s listening on %s (%s), %d model(s)", cfg.node_id, self.address, self.device.id, len(self.models))
+        log.info(
+            "node %s listening on %s (%s), %d model(s)",
+            cfg.node_id,
+            self.address,
+            self.device.id,
+            len(self.models),
+        )
         if load:
             threading.Thread(target=self.load_models, name="model-loader", daemon=True).start()
         return self.port
@@ -155,8 +165,9 @@ class NodeServer:
         self.start(load=False)
         async with Watchdog():
             notify_status("loading models")
-            load = loop.run_in_executor(None, self.load_models)
-            done, _ = await asyncio.wait([load, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            load: asyncio.Future[Any] = loop.run_in_executor(None, self.load_models)
+            stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+            await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
             if not stop.is_set():
                 failed = [m.name for m in self.models.values() if m.state == "failed"]
                 status = f"serving {len(self.models) - len(failed)} model(s) on {self.address}"
@@ -164,6 +175,9 @@ class NodeServer:
                 log.info("%s", status)
                 await stop.wait()
             notify_stopping()
-            log.info("stopping: health NOT_SERVING, draining in-flight requests (%.1f s)", self.config.grace_seconds)
+            log.info(
+                "stopping: health NOT_SERVING, draining in-flight requests (%.1f s)",
+                self.config.grace_seconds,
+            )
             await loop.run_in_executor(None, self.stop)
         return 0

@@ -19,7 +19,13 @@ import numpy as np
 
 from moesaic import __version__
 from moesaic.metrics import Metrics
-from moesaic.nodes.codec import decode_request, decode_tensor, encode_response, from_parameters, tensor_from_contents
+from moesaic.nodes.codec import (
+    decode_request,
+    decode_tensor,
+    encode_response,
+    from_parameters,
+    tensor_from_contents,
+)
 from moesaic.nodes.repository import ServedModel
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import UnavailableError, abort, status_of
@@ -48,14 +54,20 @@ def validate_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview])
         name = tensor.name
         spec = specs.get(name)
         if spec is None:
-            raise ValueError(f"input {name!r}: model {model.name!r} has no such input; expected {sorted(specs)}")
+            raise ValueError(
+                f"input {name!r}: model {model.name!r} has no such input; expected {sorted(specs)}"
+            )
         if name in out:
             raise ValueError(f"input {name!r}: given twice")
         if tensor.datatype != spec.datatype:
-            raise ValueError(f"input {name!r}: datatype {tensor.datatype or '(empty)'}; expected {spec.datatype}")
+            raise ValueError(
+                f"input {name!r}: datatype {tensor.datatype or '(empty)'}; expected {spec.datatype}"
+            )
         shape = tuple(tensor.shape)
         if not spec.accepts_shape(shape):
-            raise ValueError(f"input {name!r}: shape {list(shape)}; expected {list(spec.shape)} (-1 = any size)")
+            raise ValueError(
+                f"input {name!r}: shape {list(shape)}; expected {list(spec.shape)} (-1 = any size)"
+            )
         if max_batch and shape and shape[0] > max_batch:
             raise ValueError(f"input {name!r}: batch {shape[0]} exceeds max_batch_size {max_batch}")
         if raws:
@@ -92,7 +104,11 @@ class InferenceServicer:
         pb = inference_pb2
 
         def typed(fn: Callable[..., Any], request: Any) -> grpc.RpcMethodHandler:
-            return unary(fn, request_deserializer=request.FromString, response_serializer=lambda m: m.SerializeToString())
+            return unary(
+                fn,
+                request_deserializer=request.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
 
         return grpc.method_handlers_generic_handler(
             INFERENCE_SERVICE,
@@ -171,12 +187,16 @@ class InferenceServicer:
             reply = encode_response(
                 model.name,
                 outputs,
-                parameters={"compute_ms": seconds * 1e3, "energy_mj": joules * 1e3, "energy_source": meter.source},
+                parameters={
+                    "compute_ms": seconds * 1e3,
+                    "energy_mj": joules * 1e3,
+                    "energy_source": meter.source,
+                },
                 request_id=header.id,
                 model_version=header.model_version,
             )
         except Exception as exc:
-            code, message = status_of(exc)
+            code, _ = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
                 log.exception("ModelInfer failed")
             self.metrics.requests.labels(method="ModelInfer", code=code.name).inc()
@@ -187,11 +207,15 @@ class InferenceServicer:
         return reply
 
     @staticmethod
-    def _requested(model: ServedModel, outputs: dict[str, np.ndarray], requested: Any) -> dict[str, np.ndarray]:
+    def _requested(
+        model: ServedModel, outputs: dict[str, np.ndarray], requested: Any
+    ) -> dict[str, np.ndarray]:
         chosen = {}
         for out in requested:
             if out.name not in outputs:
-                raise ValueError(f"output {out.name!r}: model {model.name!r} has no such output; has {sorted(outputs)}")
+                raise ValueError(
+                    f"output {out.name!r}: model {model.name!r} has no such output; has {sorted(outputs)}"
+                )
             chosen[out.name] = outputs[out.name]
         return chosen
 
@@ -200,14 +224,18 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
     """``moesaic.v1.Node/Describe``: device, models and their measured profiles."""
 
     def __init__(
-        self, node_id: str, device: DeviceInfo, models: Mapping[str, ServedModel], profiles: Sequence[ProfileRecord]
+        self,
+        node_id: str,
+        device: DeviceInfo,
+        models: Mapping[str, ServedModel],
+        profiles: Sequence[ProfileRecord],
     ) -> None:
         self.node_id = node_id
         self.device = device
         self.models = models
         self.profiles = list(profiles)
 
-    def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:  # noqa: N802 - gRPC method name
+    def Describe(self, request: Any, context: grpc.ServicerContext) -> Any:
         d = self.device
         reply = moesaic_pb2.NodeDescription(
             node_id=self.node_id,

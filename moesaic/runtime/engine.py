@@ -93,7 +93,9 @@ class TensorSpec:
 
     def accepts_shape(self, shape: tuple[int, ...]) -> bool:
         """True when ``shape`` fits this spec (same rank, fixed dims equal)."""
-        return len(shape) == len(self.shape) and all(w in (-1, s) for w, s in zip(self.shape, shape, strict=True))
+        return len(shape) == len(self.shape) and all(
+            w in (-1, s) for w, s in zip(self.shape, shape, strict=True)
+        )
 
 
 @dataclass(frozen=True)

@@ -73,8 +73,12 @@ class OnnxRuntimeConfig(EngineConfig):
         "TensorRT, CUDA, CPU that are present.",
     )
     device_id: int = Field(0, ge=0, description="GPU index for the CUDA and TensorRT providers.")
-    intra_op_threads: int = Field(0, ge=0, description="Threads inside one operator; 0 = ONNX Runtime's default.")
-    inter_op_threads: int = Field(0, ge=0, description="Threads across operators; 0 = ONNX Runtime's default.")
+    intra_op_threads: int = Field(
+        0, ge=0, description="Threads inside one operator; 0 = ONNX Runtime's default."
+    )
+    inter_op_threads: int = Field(
+        0, ge=0, description="Threads across operators; 0 = ONNX Runtime's default."
+    )
     io_binding: bool = Field(True, description="Bind outputs to host memory with IOBinding on GPU providers.")
     warmup_runs: int = Field(1, ge=0, description="Inferences on zero inputs run by load().")
 
@@ -119,7 +123,9 @@ class OnnxRuntimeEngine(Engine):
         wanted = self.config.providers or [p for p in DEFAULT_PROVIDERS if p in available]
         missing = [p for p in wanted if p not in available]
         if missing:
-            raise EngineError(f"{self.path}: execution providers {missing} are not available; present: {available}")
+            raise EngineError(
+                f"{self.path}: execution providers {missing} are not available; present: {available}"
+            )
         providers: list[Any] = [
             (p, {"device_id": self.config.device_id}) if p in _GPU_PROVIDERS else p for p in wanted
         ]
@@ -156,7 +162,9 @@ class OnnxRuntimeEngine(Engine):
         try:
             self.infer(feed)
         except (EngineError, ValueError) as exc:  # e.g. a dynamic dim that must not be 1
-            log.warning("%s: warm-up on zero inputs failed (%s); the first request will be slower", self.path, exc)
+            log.warning(
+                "%s: warm-up on zero inputs failed (%s); the first request will be slower", self.path, exc
+            )
 
     @property
     def ready(self) -> bool:

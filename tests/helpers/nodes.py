@@ -45,14 +45,18 @@ def running_node(models: Path, **overrides: Any) -> Iterator[NodeServer]:
         node.stop(grace=0)
 
 
-def wait_server_ready(address: str, timeout: float = 30.0, *, proc: subprocess.Popen[Any] | None = None) -> None:
+def wait_server_ready(
+    address: str, timeout: float = 30.0, *, proc: subprocess.Popen[Any] | None = None
+) -> None:
     """Poll ServerReady on ``address`` until true; fail early when ``proc`` exits."""
     deadline = time.monotonic() + timeout
     with grpc.insecure_channel(address) as channel:
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"node exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+                raise RuntimeError(
+                    f"node exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}"
+                )
             with contextlib.suppress(grpc.RpcError):
                 if stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=1).ready:
                     return
@@ -72,7 +76,15 @@ def node_process(
     """``python -m moesaic node`` (or ``script``) on a free port; yields (process, address)."""
     port = free_port()
     address = f"127.0.0.1:{port}"
-    command = [*(script or [sys.executable, "-m", "moesaic"]), "node", "--models", str(models), "--listen", address, *args]
+    command = [
+        *(script or [sys.executable, "-m", "moesaic"]),
+        "node",
+        "--models",
+        str(models),
+        "--listen",
+        address,
+        *args,
+    ]
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.Popen(command, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -47,7 +47,9 @@ def write_model(folder: Path, graph: onnx.GraphProto, *, model_yaml: str | None 
     return folder
 
 
-def write_identity_model(root: Path, name: str, inputs: Sequence[Spec], *, model_yaml: str | None = None) -> Path:
+def write_identity_model(
+    root: Path, name: str, inputs: Sequence[Spec], *, model_yaml: str | None = None
+) -> Path:
     """Folder ``root/name`` whose model returns each input ``X`` unchanged as ``X_out``."""
     nodes, ins, outs = [], [], []
     for tensor, datatype, shape in inputs:
@@ -57,11 +59,16 @@ def write_identity_model(root: Path, name: str, inputs: Sequence[Spec], *, model
     return write_model(root / name, helper.make_graph(nodes, name, ins, outs), model_yaml=model_yaml)
 
 
-def write_add_model(root: Path, name: str, shape: Sequence[int] = (-1, 4), *, model_yaml: str | None = None) -> Path:
+def write_add_model(
+    root: Path, name: str, shape: Sequence[int] = (-1, 4), *, model_yaml: str | None = None
+) -> Path:
     """Folder ``root/name``: FP32 ``y = x + 1`` and ``total = ReduceSum(x)`` (two outputs)."""
     one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "one"], ["y"]), helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0)],
+        [
+            helper.make_node("Add", ["x", "one"], ["y"]),
+            helper.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+        ],
         name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, _dims(shape))],
         [

@@ -28,7 +28,9 @@ class SleepProcessor(Processor):
     def outputs(self, engine_outputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
         return engine_outputs
 
-    def preprocess(self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], Any]:
+    def preprocess(
+        self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], Any]:
         time.sleep(float(self.options.get("seconds", 1.0)))
         return dict(inputs), None
 

@@ -34,7 +34,11 @@ def main() -> int:
         "model_ready": client.is_model_ready(model),
     }
     meta = client.get_model_metadata(model)
-    out["metadata"] = {"name": meta.name, "inputs": _tensor_meta(meta.inputs), "outputs": _tensor_meta(meta.outputs)}
+    out["metadata"] = {
+        "name": meta.name,
+        "inputs": _tensor_meta(meta.inputs),
+        "outputs": _tensor_meta(meta.outputs),
+    }
     inputs = []
     for spec in request["inputs"]:
         tensor = triton.InferInput(spec["name"], spec["shape"], spec["datatype"])

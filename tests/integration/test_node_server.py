@@ -50,7 +50,12 @@ async def test_every_datatype_round_trips(node: NodeServer, batch: int) -> None:
 async def test_requested_outputs_and_parameters(node: NodeServer) -> None:
     async with NodeClient(node.address) as client:
         result = await client.infer(
-            "add", {"x": np.ones((3, 4), np.float32)}, outputs=["total"], parameters={"sensor_id": "s"}, request_id="r7", timeout=10
+            "add",
+            {"x": np.ones((3, 4), np.float32)},
+            outputs=["total"],
+            parameters={"sensor_id": "s"},
+            request_id="r7",
+            timeout=10,
         )
     assert list(result.outputs) == ["total"] and float(result.outputs["total"]) == 12.0
     assert result.request_id == "r7"
@@ -80,7 +85,10 @@ def test_control_plane(node: NodeServer) -> None:
     meta = stub.ModelMetadata(inference_pb2.ModelMetadataRequest(name="add"))
     assert meta.platform == "onnxruntime_onnx"
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("x", "FP32", [-1, 4])]
-    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [("y", "FP32", [-1, 4]), ("total", "FP32", [])]
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
+        ("y", "FP32", [-1, 4]),
+        ("total", "FP32", []),
+    ]
     assert stub.ServerMetadata(inference_pb2.ServerMetadataRequest()).name == "moesaic"
 
 
@@ -97,18 +105,65 @@ F32x4 = np.zeros((1, 4), np.float32).tobytes()
 @pytest.mark.parametrize(
     ("request_bytes", "code", "message"),
     [
-        (_raw_request("nope", "x", "FP32", [1, 4], F32x4), grpc.StatusCode.NOT_FOUND, "model 'nope' not found"),
-        (_raw_request("add", "z", "FP32", [1, 4], F32x4), grpc.StatusCode.INVALID_ARGUMENT, "input 'z': model 'add' has no such input; expected ['x']"),
-        (_raw_request("add", "x", "INT32", [1, 4], F32x4), grpc.StatusCode.INVALID_ARGUMENT, "input 'x': datatype INT32; expected FP32"),
-        (_raw_request("add", "x", "FP32", [1, 5], F32x4), grpc.StatusCode.INVALID_ARGUMENT, "input 'x': shape [1, 5]; expected [-1, 4]"),
-        (_raw_request("add", "x", "FP32", [4], F32x4), grpc.StatusCode.INVALID_ARGUMENT, "input 'x': shape [4]; expected [-1, 4]"),
-        (_raw_request("add", "x", "FP32", [2, 4], F32x4), grpc.StatusCode.INVALID_ARGUMENT, "input 'x': raw content is 16 bytes; shape [2, 4] of FP32 needs 32"),
-        (_raw_request("add", "x", "FP32", [9, 4], bytes(144)), grpc.StatusCode.INVALID_ARGUMENT, "input 'x': batch 9 exceeds max_batch_size 8"),
-        (inference_pb2.ModelInferRequest(model_name="add").SerializeToString(), grpc.StatusCode.INVALID_ARGUMENT, "inputs ['x'] missing"),
-        (encode_request("add", {"x": np.zeros((1, 4), np.float32)}, outputs=["w"]), grpc.StatusCode.INVALID_ARGUMENT, "output 'w'"),
+        (
+            _raw_request("nope", "x", "FP32", [1, 4], F32x4),
+            grpc.StatusCode.NOT_FOUND,
+            "model 'nope' not found",
+        ),
+        (
+            _raw_request("add", "z", "FP32", [1, 4], F32x4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'z': model 'add' has no such input; expected ['x']",
+        ),
+        (
+            _raw_request("add", "x", "INT32", [1, 4], F32x4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x': datatype INT32; expected FP32",
+        ),
+        (
+            _raw_request("add", "x", "FP32", [1, 5], F32x4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x': shape [1, 5]; expected [-1, 4]",
+        ),
+        (
+            _raw_request("add", "x", "FP32", [4], F32x4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x': shape [4]; expected [-1, 4]",
+        ),
+        (
+            _raw_request("add", "x", "FP32", [2, 4], F32x4),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x': raw content is 16 bytes; shape [2, 4] of FP32 needs 32",
+        ),
+        (
+            _raw_request("add", "x", "FP32", [9, 4], bytes(144)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "input 'x': batch 9 exceeds max_batch_size 8",
+        ),
+        (
+            inference_pb2.ModelInferRequest(model_name="add").SerializeToString(),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "inputs ['x'] missing",
+        ),
+        (
+            encode_request("add", {"x": np.zeros((1, 4), np.float32)}, outputs=["w"]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "output 'w'",
+        ),
         (b"\x0a\x05ab", grpc.StatusCode.INVALID_ARGUMENT, "malformed message"),
     ],
-    ids=["unknown-model", "input-name", "datatype", "shape", "rank", "byte-length", "batch", "missing", "output-name", "malformed"],
+    ids=[
+        "unknown-model",
+        "input-name",
+        "datatype",
+        "shape",
+        "rank",
+        "byte-length",
+        "batch",
+        "missing",
+        "output-name",
+        "malformed",
+    ],
 )
 def test_bad_requests_name_the_problem_and_node_keeps_serving(
     node: NodeServer, request_bytes: bytes, code: grpc.StatusCode, message: str
@@ -138,7 +193,11 @@ async def test_describe(node: NodeServer) -> None:
     assert desc.device.kind == "cpu" and desc.device.id == "cpu" and desc.device.energy_source
     models = {m.name: m for m in desc.models}
     assert set(models) == {"add", "echo"}
-    assert models["add"].task == "test" and models["add"].state == "ready" and models["add"].engine == "onnxruntime"
+    assert (
+        models["add"].task == "test"
+        and models["add"].state == "ready"
+        and models["add"].engine == "onnxruntime"
+    )
 
 
 def test_health_check_and_reflection(node: NodeServer) -> None:
@@ -148,7 +207,9 @@ def test_health_check_and_reflection(node: NodeServer) -> None:
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
         refl = reflection_pb2_grpc.ServerReflectionStub(channel)
-        replies = refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5)
+        replies = refl.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for r in replies for s in r.list_services_response.service}
     assert {"inference.GRPCInferenceService", "moesaic.v1.Node", "grpc.health.v1.Health"} <= names
 
@@ -162,7 +223,10 @@ def test_health_not_serving_while_models_load(tmp_path: Path) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             watch = health.Watch(health_pb2.HealthCheckRequest(service="add"), timeout=20)
             assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                == health_pb2.HealthCheckResponse.NOT_SERVING
+            )
             stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
             assert not stub.ServerReady(inference_pb2.ServerReadyRequest(), timeout=5).ready
             with pytest.raises(grpc.RpcError) as info:

@@ -29,7 +29,9 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             health = health_pb2_grpc.HealthStub(channel)
             try:
                 for reply in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=20):
-                    events.append((time.monotonic(), health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)))
+                    events.append(
+                        (time.monotonic(), health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+                    )
             except grpc.RpcError:
                 pass
 

@@ -35,7 +35,9 @@ DATA = {
 def _triton(address: str, model: str, request: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     path = tmp_path / "request.json"
     path.write_text(json.dumps(request))
-    proc = subprocess.run([sys.executable, str(SCRIPT), address, model, str(path)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), address, model, str(path)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -43,7 +45,8 @@ def _triton(address: str, model: str, request: dict[str, Any], tmp_path: Path) -
 def test_tritonclient_all_datatypes_batched(node: NodeServer, tmp_path: Path) -> None:
     batch = 3
     inputs = [
-        {"name": f"x_{t.lower()}", "datatype": t, "shape": [batch, 3], "data": data * batch} for t, data in DATA.items()
+        {"name": f"x_{t.lower()}", "datatype": t, "shape": [batch, 3], "data": data * batch}
+        for t, data in DATA.items()
     ]
     out = _triton(node.address, "echo", {"inputs": inputs}, tmp_path)
     assert out["live"] and out["ready"] and out["model_ready"]
@@ -65,7 +68,10 @@ def test_tritonclient_all_datatypes_batched(node: NodeServer, tmp_path: Path) ->
 
 
 def test_tritonclient_requested_output_and_errors(node: NodeServer, tmp_path: Path) -> None:
-    request = {"inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [[1, 2, 3, 4]] * 2}], "outputs": ["y"]}
+    request = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [2, 4], "data": [[1, 2, 3, 4]] * 2}],
+        "outputs": ["y"],
+    }
     out = _triton(node.address, "add", request, tmp_path)
     assert list(out["outputs"]) == ["y"] and out["outputs"]["y"]["data"] == [[2, 3, 4, 5]] * 2
     bad = {"inputs": [{"name": "x", "datatype": "INT32", "shape": [1, 4], "data": [[1, 2, 3, 4]]}]}

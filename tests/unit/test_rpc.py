@@ -39,7 +39,7 @@ def test_tls_paths_relative_to_credentials_directory(tmp_path: Path, monkeypatch
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     tls = TlsConfig(cert=Path("node.pem"), key=Path("node.key"))
     assert tls.read(tls.cert) == b"PEM"
-    with pytest.raises(ValueError, match="tls: cannot read node.key"):
+    with pytest.raises(ValueError, match=r"tls: cannot read node\.key"):
         tls.read(tls.key)
     with pytest.raises(ValueError, match="cert and key must be given together"):
         TlsConfig(cert=Path("a"))

@@ -37,7 +37,12 @@ def test_model_yaml_fields(tmp_path: Path) -> None:
         "engine: {type: onnxruntime, intra_op_threads: 1}\n",
     )
     (model,) = scan_models(tmp_path)
-    assert (model.name, model.spec.task, model.spec.max_batch_size, model.class_names) == ("adder", "detection", 4, ["a", "b"])
+    assert (model.name, model.spec.task, model.spec.max_batch_size, model.class_names) == (
+        "adder",
+        "detection",
+        4,
+        ["a", "b"],
+    )
     assert model.engine_config.intra_op_threads == 1  # type: ignore[attr-defined]
 
 
@@ -47,7 +52,10 @@ def test_model_yaml_fields(tmp_path: Path) -> None:
         ("taks: detection\n", r"model.yaml: taks: Extra inputs are not permitted"),
         ("max_batch_size: -1\n", r"model.yaml: max_batch_size: .*greater than or equal to 0"),
         ("engine: {type: nope}\n", r"model.yaml: engine.type: unknown engine 'nope'"),
-        ("engine: {type: onnxruntime, threads: 2}\n", r"model.yaml: engine.threads: Extra inputs are not permitted"),
+        (
+            "engine: {type: onnxruntime, threads: 2}\n",
+            r"model.yaml: engine.threads: Extra inputs are not permitted",
+        ),
         ("processor: {frames: 2}\n", r"model.yaml: processor: .*needs a 'type'"),
         ("name: a/b\n", r"model.yaml: name: .*without '/'"),
         ("[1, 2]\n", r"model.yaml: expected a mapping"),

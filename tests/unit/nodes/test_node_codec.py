@@ -35,7 +35,9 @@ ARRAYS = {
 @pytest.mark.parametrize("datatype", sorted(ARRAYS))
 def test_request_round_trip(datatype: str) -> None:
     array = ARRAYS[datatype]
-    data = encode_request("m", {"t": array, "other": np.zeros(2, np.int32)}, parameters={"sensor_id": "s1", "k": 3})
+    data = encode_request(
+        "m", {"t": array, "other": np.zeros(2, np.int32)}, parameters={"sensor_id": "s1", "k": 3}
+    )
     header, raws = decode_request(data)
     assert header.model_name == "m"
     assert [t.datatype for t in header.inputs] == [datatype, "INT32"]
@@ -49,7 +51,9 @@ def test_request_round_trip(datatype: str) -> None:
 
 @pytest.mark.parametrize("datatype", sorted(ARRAYS))
 def test_response_round_trip(datatype: str) -> None:
-    data = encode_response("m", {"out": ARRAYS[datatype]}, parameters={"compute_ms": 1.5, "energy_source": "rapl"})
+    data = encode_response(
+        "m", {"out": ARRAYS[datatype]}, parameters={"compute_ms": 1.5, "energy_source": "rapl"}
+    )
     header, outputs = decode_response(data)
     np.testing.assert_array_equal(outputs["out"], ARRAYS[datatype])
     assert header.parameters["compute_ms"].double_param == 1.5
@@ -96,7 +100,9 @@ def test_malformed_messages_are_value_errors(data: bytes) -> None:
         ("NOPE", (1,), 4, "unknown datatype 'NOPE'"),
     ],
 )
-def test_decode_tensor_names_the_problem(datatype: str, shape: tuple[int, ...], nbytes: int, match: str) -> None:
+def test_decode_tensor_names_the_problem(
+    datatype: str, shape: tuple[int, ...], nbytes: int, match: str
+) -> None:
     with pytest.raises(ValueError, match=f"input 'x': {match}"):
         decode_tensor("x", datatype, shape, bytes(nbytes))
 
@@ -122,5 +128,7 @@ def test_typed_contents_round_trip(datatype: str) -> None:
 def test_typed_contents_count_mismatch() -> None:
     tensor = inference_pb2.ModelInferRequest.InferInputTensor()
     tensor.contents.fp32_contents.extend([1.0, 2.0])
-    with pytest.raises(ValueError, match="input 'x': contents.fp32_contents holds 2 values; shape \\[3\\] needs 3"):
+    with pytest.raises(
+        ValueError, match=r"input 'x': contents\.fp32_contents holds 2 values; shape \[3\] needs 3"
+    ):
         tensor_from_contents("x", "FP32", (3,), tensor.contents)

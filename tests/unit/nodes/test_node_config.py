@@ -17,7 +17,9 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
     assert config.node_id == "n2"
     assert config.listen == "127.0.0.1:9001"
     assert config.models == tmp_path / "models"  # relative to the config file
-    assert config.tls is not None and config.tls.client_ca == Path("ca.pem") and config.tls.cert == Path("a.pem")
+    assert (
+        config.tls is not None and config.tls.client_ca == Path("ca.pem") and config.tls.cert == Path("a.pem")
+    )
     assert config.device == "cpu"
 
 

@@ -47,7 +47,14 @@ def test_identity_datatypes(tmp_path: Path, datatype: str) -> None:
             out = engine.infer({"x": np.array([b"ab", b"c"], dtype=object)})
             assert list(out["x_out"]) == ["ab", "c"]
         else:
-            x = np.array([1, 0, 1], dtype=np.dtype({"FP32": "f4", "FP16": "f2", "INT64": "i8", "INT32": "i4", "UINT8": "u1", "BOOL": "?"}[datatype]))
+            x = np.array(
+                [1, 0, 1],
+                dtype=np.dtype(
+                    {"FP32": "f4", "FP16": "f2", "INT64": "i8", "INT32": "i4", "UINT8": "u1", "BOOL": "?"}[
+                        datatype
+                    ]
+                ),
+            )
             np.testing.assert_array_equal(engine.infer({"x": x})["x_out"], x)
 
 
@@ -74,5 +81,5 @@ def test_missing_file_and_provider(tmp_path: Path) -> None:
 
 
 def test_unknown_option_fails() -> None:
-    with pytest.raises(ValueError, match="engine.thread: Extra inputs"):
+    with pytest.raises(ValueError, match=r"engine\.thread: Extra inputs"):
         parse_engine_config({"type": "onnxruntime", "thread": 1})
