@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2
 
 from moesaic.coordinator.config import FleetConfig
 from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
+from moesaic.coordinator.fusion import FUSED_TASKS
 from moesaic.coordinator.inputs import decode_inputs
 from moesaic.coordinator.selection import Budget
 from moesaic.metrics import Metrics
@@ -39,8 +40,8 @@ log = logging.getLogger(__name__)
 
 def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
     """A ``PerceiveRequest`` as a :class:`PerceiveInput`; ``ValueError`` naming the bad field."""
-    if not request.task:
-        raise ValueError("task: required (e.g. detection, bev_segmentation)")
+    if request.task not in FUSED_TASKS:
+        raise ValueError(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
     b = request.budget
     for name, value in (("latency_ms", b.latency_ms), ("energy_mj", b.energy_mj)):
         if not np.isfinite(value) or value < 0:
@@ -155,9 +156,17 @@ class CoordinatorServicer(moesaic_pb2_grpc.CoordinatorServicer):
 
 
 async def serve(
-    config: FleetConfig, listen: str, *, ready: asyncio.Event | None = None, bound: list[int] | None = None
+    config: FleetConfig,
+    listen: str,
+    *,
+    ready: asyncio.Event | None = None,
+    bound: list[int] | None = None,
+    handle_signals: bool = True,
 ) -> None:
-    """Run the coordinator on ``listen`` until SIGINT/SIGTERM (or cancellation)."""
+    """Run the coordinator on ``listen`` until SIGINT/SIGTERM (or cancellation).
+
+    ``bound`` receives the port actually bound (for ``HOST:0``); ``ready`` is set once serving.
+    """
     settings = config.coordinator
     metrics = Metrics(component="coordinator")
     if settings.metrics_port:
@@ -179,13 +188,16 @@ async def serve(
             ready.set()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        signals = (signal.SIGINT, signal.SIGTERM) if handle_signals else ()
+        for sig in signals:
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(sig, stop.set)
         try:
             async with Watchdog():
                 await stop.wait()
         finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
             notify_stopping()
             for name in ("", COORDINATOR_SERVICE):
                 await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -1,10 +1,11 @@
 """Sliced detection fan-out (request option ``slice=<tile px>``, optional ``overlap=0.2``).
 
 The frame is cut into overlapping tiles (:func:`moesaic.models.detector.slicing.tile_image`).
-The detector experts used are the best-gated expert on each device (so tiles spread over
-nodes); each expert pulls tiles from one shared queue, so faster devices take more tiles. A
-tile whose expert fails goes back to the queue and that expert is dropped; the tiles' boxes
-are shifted back to frame pixels and merged across tile borders with
+The detector experts used are the best-gated expert on each device, so tiles spread over
+nodes (the most energy-hungry devices drop out while the energy budget does not hold). Each
+expert pulls tiles from one shared queue, so faster devices take more tiles. A tile whose
+expert fails goes back to the queue and that expert is dropped; the tiles' boxes are shifted
+back to frame pixels and merged across tile borders with
 :func:`~moesaic.models.detector.slicing.merge_tiles`.
 """
 
@@ -81,12 +82,15 @@ async def sliced_perceive(
     tiles = tile_image(image, tile, overlap)
     experts = _spread(coordinator, features)
     overhead = coordinator.settings.overhead_ms
-    # Use as few devices as meet the budget's latency, more only when they help.
-    chosen = experts[:1]
-    for e in experts[1:]:
-        if fits(*_predict(chosen, len(tiles), overhead), budget):
+    # Every device works on the tiles in parallel; when the energy budget does not hold, the
+    # devices that spend the most energy per tile leave first (latency only gets worse).
+    chosen = list(experts)
+    while len(chosen) > 1 and not fits(*_predict(chosen, len(tiles), overhead), budget):
+        costliest = max(chosen, key=lambda e: (e.energy_mj, e.id))
+        fewer = [e for e in chosen if e is not costliest]
+        if _predict(fewer, len(tiles), overhead)[1] >= _predict(chosen, len(tiles), overhead)[1]:
             break
-        chosen.append(e)
+        chosen = fewer
     predicted = _predict(chosen, len(tiles), overhead)
     plan_ok = fits(*predicted, budget)
     queue: asyncio.Queue[int] = asyncio.Queue()
