@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,11 +30,11 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moesaic.runtime.devices import discover_device  # noqa: E402
-from moesaic.runtime.energy import open_meter  # noqa: E402
-from moesaic.runtime.engine import TensorSpec  # noqa: E402
-from moesaic.runtime.profiler import profile_engine  # noqa: E402
-from moesaic.runtime.torch_engine import TorchEngine, TorchEngineConfig, save_torch_model  # noqa: E402
+from moesaic.runtime.devices import discover_device
+from moesaic.runtime.energy import open_meter
+from moesaic.runtime.engine import TensorSpec
+from moesaic.runtime.profiler import profile_engine
+from moesaic.runtime.torch_engine import TorchEngine, TorchEngineConfig, save_torch_model
 
 # ---------------------------------------------------------------- the model
 
@@ -58,13 +58,13 @@ class C2f(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n: int) -> None:
         super().__init__()
-        self.half = c_out // 2
+        self.width = c_out // 2
         self.stem = ConvBnAct(c_in, c_out, 1)
-        self.blocks = nn.ModuleList(Bottleneck(self.half) for _ in range(n))
-        self.fuse = ConvBnAct((2 + n) * self.half, c_out, 1)
+        self.blocks = nn.ModuleList(Bottleneck(self.width) for _ in range(n))
+        self.fuse = ConvBnAct((2 + n) * self.width, c_out, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = list(self.stem(x).split(self.half, dim=1))
+        parts = list(self.stem(x).split(self.width, dim=1))
         for block in self.blocks:
             parts.append(block(parts[-1]))
         return self.fuse(torch.cat(parts, dim=1))
@@ -152,12 +152,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs = args.runs or (5 if args.quick else 300)
     warmup = 2 if args.quick else 30
     batches = [int(b) for b in args.batch.split(",")]
-    precisions = ["fp16", "fp32"] if cuda else ["fp32"]
+    precisions: list[Literal["fp32", "fp16", "bf16"]] = ["fp16", "fp32"] if cuda else ["fp32"]
     graph_modes = [True, False] if cuda else [False]
     params = sum(p.numel() for p in YoloSizedNet().parameters())
-    print(
-        f"device {device.id}: {device.name}, power limit {device.power_limit_watts:.0f} W, energy {device.energy_source}"
-    )
+    limit = f"power limit {device.power_limit_watts:.0f} W"
+    print(f"device {device.id}: {device.name}, {limit}, energy {device.energy_source}")
     print(f"model: YOLO-sized convnet, {params / 1e6:.2f} M parameters, input {size}x{size}")
     results = []
     with tempfile.TemporaryDirectory() as tmp, open_meter(device) as meter:
@@ -168,11 +167,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for fmt, path in files.items():
                 for precision in precisions:
                     for graphs in graph_modes:
-                        config = TorchEngineConfig(
-                            file=path.name,
-                            device=device.id if cuda else "cpu",
-                            precision=precision,
-                            cuda_graphs=graphs,
+                        config = TorchEngineConfig.model_validate(
+                            {
+                                "file": path.name,
+                                "device": device.id if cuda else "cpu",
+                                "precision": precision,
+                                "cuda_graphs": graphs,
+                            }
                         )
                         engine = TorchEngine(config, path.parent)
                         t0 = time.perf_counter()
