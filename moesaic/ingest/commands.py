@@ -28,7 +28,7 @@ def register(subparsers: Any) -> None:
     ingest.add_argument(
         "--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT (default mqtt://127.0.0.1:1883)"
     )
-    ingest.add_argument("--coordinator", help="coordinator gRPC HOST:PORT (default 127.0.0.1:50070)")
+    ingest.add_argument("--coordinator", help="coordinator gRPC HOST:PORT (default 127.0.0.1:8500)")
     ingest.add_argument(
         "--config", type=Path, help="ingest config YAML (tasks and budgets per sensor, TLS, ...)"
     )

@@ -140,7 +140,7 @@ class IngestConfig(_Strict):
     component: str = Field(default="ingest", description="name in moesaic/v1/status/{component}")
     group: str | None = Field(default=None, description="shared-subscription group ($share/GROUP/...)")
     sensors_filter: tuple[str, ...] = Field(default=(), description="only these sensor ids (default all)")
-    coordinator: str = Field(default="127.0.0.1:50070", description="coordinator gRPC address HOST:PORT")
+    coordinator: str = Field(default="127.0.0.1:8500", description="coordinator gRPC address HOST:PORT")
     request_timeout_s: float = Field(default=10.0, gt=0, description="deadline of one Perceive call")
     max_in_flight: int = Field(default=8, ge=1, description="Perceive calls in flight across all sensors")
     queue_depth: int = Field(default=1, ge=1, description="frames kept per sensor stream (oldest dropped)")
