@@ -104,7 +104,7 @@ class MosquittoProcess:
         self.config = directory / "mosquitto.conf"
         self.config.write_text(
             f"listener {self.port} {host}\nallow_anonymous true\npersistence false\n"
-            f"log_dest stderr\nlog_type error\nlog_type warning\n{extra_config}"
+            f"set_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra_config}"
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import ssl
 from typing import Any
 
@@ -28,6 +29,8 @@ def connect_options(
         "keepalive": config.keepalive_s,
         "timeout": 10.0,
         "protocol": protocol or aiomqtt.ProtocolVersion.V5,
+        # paho leaves Nagle on: small results would wait for delayed ACKs (~40 ms)
+        "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     }
     username = config.resolve_username()
     if username is not None:
