@@ -219,6 +219,9 @@ class Demo:
         if status:
             return status
         self.stats.dropped = _scrape(ingest_metrics, "moesaic_dropped_frames_total")
+        endpoints = {"ingest": ingest_metrics, "coordinator": coordinator_metrics}
+        endpoints.update({n.name: n.metrics_port for n in nodes})
+        _save_metrics(endpoints, self.args.report / "metrics")
         violations = _scrape(coordinator_metrics, "moesaic_budget_violations_total")
         if violations:
             self.notes.append(
@@ -477,6 +480,17 @@ def _ingest_yaml(lidar_tasks: list[str], camera_tasks: list[str], metrics_port: 
         },
         sort_keys=False,
     )
+
+
+def _save_metrics(endpoints: dict[str, int], folder: Path) -> None:
+    """Save each component's /metrics text into ``folder/NAME.txt`` (for the report)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, port in endpoints.items():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+                (folder / f"{name}.txt").write_bytes(response.read())
+        except OSError as exc:
+            log.warning("metrics of %s unreachable: %s", name, exc)
 
 
 def _scrape(port: int, metric: str) -> dict[str, float]:
