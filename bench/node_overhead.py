@@ -181,6 +181,7 @@ def mlserver_folder(root: Path, model_dir: Path, grpc_port: int) -> Path:
         json.dumps(
             {
                 "grpc_port": grpc_port,
+                "grpc_max_message_length": MAX,
                 "http_port": free_port(),
                 "metrics_port": free_port(),
                 "parallel_workers": 0,
