@@ -73,6 +73,18 @@ def test_demo_runs_to_its_summary_and_report(tmp_path: Path, demo_inputs: tuple[
     images = sorted(p.name for p in (report / "images").iterdir())
     assert any(n.endswith("bev_segmentation.png") for n in images), images
     assert any(n.endswith("detection.jpg") for n in images), images
+    # the Prometheus endpoints of every component, scraped at the end of the run
+    metrics = {p.stem: p.read_text() for p in (report / "metrics").iterdir()}
+    assert {"coordinator", "ingest", "edge-a", "edge-b"} <= set(metrics)
+    for name in (
+        "moesaic_expert_latency_seconds_count",
+        "moesaic_energy_joules_total",
+        "moesaic_selections_total",
+    ):
+        assert name in metrics["coordinator"], name
+    assert "moesaic_expert_latency_seconds_count" in metrics["edge-a"]
+    assert "moesaic_energy_joules_total" in metrics["edge-a"]
+    assert "moesaic_up" in metrics["ingest"]
 
 
 def test_demo_stops_every_process_on_sigint(tmp_path: Path, demo_inputs: tuple[Path, Path]) -> None:
