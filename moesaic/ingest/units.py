@@ -34,6 +34,7 @@ class UnitsConfig(BaseModel):
         default=Path("/etc/moesaic"),
         description="holds fleet.yaml, ingest.yaml and nodes/NAME.yaml (moesaic-node@NAME)",
     )
+    coordinator_listen: str = Field(default="127.0.0.1:8500", description="HOST:PORT of the coordinator")
     user: str | None = Field(default=None, description="run as this existing user; a DynamicUser when unset")
     watchdog_sec: int = Field(default=30, ge=2, description="WatchdogSec= (services ping every half of it)")
     node_start_timeout_sec: int = Field(default=600, ge=10, description="model loading may take this long")
@@ -168,7 +169,7 @@ Wants=network-online.target
 [Service]
 {common}
 TimeoutStartSec=120
-ExecStart={exe} coordinator --config {cfg}/fleet.yaml
+ExecStart={exe} coordinator --config {cfg}/fleet.yaml --listen {config.coordinator_listen}
 {_extras(config, "coordinator")}{_hardening(config, devices=False)}
 
 [Install]
