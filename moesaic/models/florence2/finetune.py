@@ -131,7 +131,7 @@ def finetune(
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             log.info("florence2 finetune step %d: loss %.4f", step, losses[-1])
     if lora:
