@@ -11,11 +11,13 @@ import) and serves it with :meth:`Metrics.serve`::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 __all__ = ["Metrics"]
 
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -41,6 +43,20 @@ class Metrics:
             ["expert", "source"],
             registry=r,
         )
+        self.batch_rows = Histogram(
+            "moesaic_batch_rows",
+            "Rows (sum of first dimensions) per engine call of a dynamically batched model.",
+            ["expert"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "moesaic_batch_requests",
+            "Requests merged into one engine call of a dynamically batched model.",
+            ["expert"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
         self.requests = Counter(
             "moesaic_requests", "Requests handled, by gRPC status code.", ["method", "code"], registry=r
         )
@@ -54,17 +70,30 @@ class Metrics:
             registry=r,
         )
         self.dropped_frames = Counter(
-            "moesaic_dropped_frames", "Sensor frames dropped by the latest-frame queue.", ["sensor"], registry=r
+            "moesaic_dropped_frames",
+            "Sensor frames dropped by the latest-frame queue.",
+            ["sensor"],
+            registry=r,
         )
         self.mqtt_errors = Counter(
-            "moesaic_mqtt_errors", "Malformed MQTT payloads and publish failures.", ["sensor", "reason"], registry=r
+            "moesaic_mqtt_errors",
+            "Malformed MQTT payloads and publish failures.",
+            ["sensor", "reason"],
+            registry=r,
         )
         self.experts_up = Gauge(
-            "moesaic_experts_up", "1 while an expert is in the selection pool, 0 when down.", ["expert"], registry=r
+            "moesaic_experts_up",
+            "1 while an expert is in the selection pool, 0 when down.",
+            ["expert"],
+            registry=r,
         )
         self.info = Gauge("moesaic_up", "1 while this component runs.", ["component"], registry=r)
         self.info.labels(component=self.component).set(1)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        """Serve ``/metrics`` over HTTP on ``host:port`` from a daemon thread."""
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> Any:
+        """Serve ``/metrics`` over HTTP on ``host:port`` from a daemon thread.
+
+        Returns the HTTP server; ``shutdown()`` and ``server_close()`` stop it and free the port.
+        """
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        return server

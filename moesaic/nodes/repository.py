@@ -9,6 +9,7 @@ from the graph). An optional ``model.yaml`` adds::
     engine: {type: onnxruntime, intra_op_threads: 2}
     processor: {type: ppn_bev, frames: 4}   # node then advertises the processor's tensors
     max_batch_size: 8        # largest first dimension accepted; 0 = no batch limit
+    dynamic_batching: {max_batch_size: 8, max_queue_delay_us: 2000}  # merge concurrent requests
     class_names: [road, car, person]
 
 Unknown keys fail, and every error names the file and the field.
@@ -18,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +28,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moesaic.nodes.batching import BatchShare, DynamicBatcher, DynamicBatchingConfig, check_batchable
 from moesaic.nodes.config import format_validation_error
 from moesaic.runtime.devices import DeviceInfo
+from moesaic.runtime.energy import EnergyMeter
 from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine, parse_engine_config
 from moesaic.runtime.processing import Processor, create_processor
 
@@ -56,6 +60,11 @@ class ModelSpec(BaseModel):
         None, description="Pre/post-processing: {type: NAME, ...options}."
     )
     max_batch_size: int = Field(0, ge=0, description="Largest first dimension accepted; 0 = no limit.")
+    dynamic_batching: DynamicBatchingConfig | None = Field(
+        None,
+        description="Merge requests arriving within a short delay into one engine call (along "
+        "dimension 0); the engine must batch along its first dimension.",
+    )
     class_names: list[str] = Field(default_factory=list, description="Class names, index = class id.")
 
     @field_validator("name")
@@ -136,6 +145,8 @@ class ServedModel:
         self.output_names: frozenset[str] = frozenset()
         self.device = ""
         self.class_names: list[str] = list(spec.class_names)
+        self.batcher: DynamicBatcher | None = None
+        self._meter: EnergyMeter | None = None
         self._lock = threading.Lock()
 
     @property
@@ -155,13 +166,28 @@ class ServedModel:
             config = config.model_copy(update={"device_id": device.index})
         return config
 
-    def load(self, device: DeviceInfo) -> None:
-        """Build and warm up the engine (and processor); on failure the model is ``failed``."""
+    def load(
+        self,
+        device: DeviceInfo,
+        *,
+        meter: EnergyMeter | None = None,
+        on_batch: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Build and warm up the engine (and processor); on failure the model is ``failed``.
+
+        With ``dynamic_batching`` the engine is checked to batch along dimension 0 and a
+        :class:`~moesaic.nodes.batching.DynamicBatcher` starts; ``meter`` measures each batch's
+        energy and ``on_batch(rows, requests)`` is told of every engine call it makes.
+        """
         with self._lock:
+            engine: Engine | None = None
             try:
                 engine = create_engine(self._config_for(device), self.folder)
                 engine.load()
                 described = engine.describe()
+                batching = self.spec.dynamic_batching
+                if batching is not None:
+                    check_batchable(described, engine.infer, f"{self.folder / MODEL_FILE}: dynamic_batching")
                 processor = (
                     create_processor(self.spec.processor, self.folder) if self.spec.processor else None
                 )
@@ -172,9 +198,16 @@ class ServedModel:
                 self.device = described.device
                 self.input_specs = {s.name: s for s in self.inputs}
                 self.output_names = frozenset(s.name for s in self.outputs)
+                if batching is not None:
+                    self.batcher = DynamicBatcher(
+                        self.name, engine.infer, batching, meter=meter, on_batch=on_batch
+                    )
+                self._meter = meter
                 self.engine, self.processor = engine, processor
                 self.state, self.error = "ready", ""
             except Exception as exc:
+                if engine is not None:
+                    engine.close()
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.error("model %s (%s) failed to load: %s", self.name, self.folder, self.error)
 
@@ -189,8 +222,51 @@ class ServedModel:
         engine_inputs, context = processor.preprocess(inputs, parameters)
         return processor.postprocess(engine.infer(engine_inputs), context)
 
+    def infer_batched(
+        self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any], timeout: float | None
+    ) -> BatchShare:
+        """Like :meth:`infer`, through the dynamic batcher; the share's cost covers pre/post-processing.
+
+        ``timeout``: seconds left of the request's deadline (``TimeoutError`` if it passes queued).
+        """
+        batcher = self.batcher
+        if batcher is None:
+            raise RuntimeError(f"model {self.name!r} has no dynamic batcher")
+        processor = self.processor
+        if processor is None:
+            return batcher.submit(inputs, timeout)
+        meter = self._meter
+        start_j = meter.joules() if meter else 0.0
+        start = time.perf_counter()
+        engine_inputs, context = processor.preprocess(inputs, parameters)
+        pre_s = time.perf_counter() - start
+        pre_j = (meter.joules() - start_j) if meter else 0.0
+        if timeout is not None:
+            timeout -= pre_s
+        share = batcher.submit(engine_inputs, timeout)
+        start_j = meter.joules() if meter else 0.0
+        start = time.perf_counter()
+        outputs = processor.postprocess(share.outputs, context)
+        post_s = time.perf_counter() - start
+        post_j = (meter.joules() - start_j) if meter else 0.0
+        return BatchShare(
+            outputs,
+            share.seconds + pre_s + post_s,
+            share.joules + max(pre_j + post_j, 0.0),
+            share.batch_rows,
+            share.batch_requests,
+        )
+
+    def drain(self) -> None:
+        """Send queued requests at once from now on (shutdown)."""
+        if self.batcher is not None:
+            self.batcher.drain()
+
     def close(self) -> None:
         with self._lock:
+            if self.batcher is not None:
+                self.batcher.close()
+            self.batcher = None
             if self.engine is not None:
                 self.engine.close()
             self.engine = None

@@ -10,7 +10,8 @@ Requests run on a thread pool (measured faster than ``grpc.aio`` plus an executo
 short models); the engine runs in the request's thread. :meth:`run` is the long-running
 entry point: it loads models, tells systemd READY, feeds the watchdog from its loop and, on
 SIGTERM or SIGINT, sets health NOT_SERVING first, lets in-flight requests finish
-(``grace_seconds``) and exits.
+(``grace_seconds``) and exits. Models with ``dynamic_batching`` send their queued requests at
+once when the drain starts.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -71,6 +73,7 @@ class NodeServer:
         self._stopping = False
         self._server: Any = None
         self._health: Any = None
+        self._metrics_server: Any = None
 
     # -------------------------------------------------------------- lifecycle
 
@@ -99,7 +102,7 @@ class NodeServer:
         server.start()
         self._server = server
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
+            self._metrics_server = self.metrics.serve(cfg.metrics_port, host=cfg.metrics_host)
         log.info(
             "node %s listening on %s (%s), %d model(s)",
             cfg.node_id,
@@ -116,7 +119,7 @@ class NodeServer:
         for model in self.models.values():
             if self._stopping:
                 return
-            model.load(self.device)
+            model.load(self.device, meter=self.meter, on_batch=self._batch_observer(model.name))
             if model.ready:
                 self._health.set(model.name, SERVING)
                 log.info("model %s ready on %s", model.name, model.device)
@@ -125,6 +128,16 @@ class NodeServer:
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
         self._loaded.set()
+
+    def _batch_observer(self, name: str) -> Callable[[int, int], None]:
+        rows = self.metrics.batch_rows.labels(expert=name)
+        requests = self.metrics.batch_requests.labels(expert=name)
+
+        def observe(batch_rows: int, batch_requests: int) -> None:
+            rows.observe(batch_rows)
+            requests.observe(batch_requests)
+
+        return observe
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until models finished loading; False on timeout."""
@@ -136,11 +149,17 @@ class NodeServer:
             return
         self._stopping = True
         self._health.enter_graceful_shutdown()
+        for model in self.models.values():
+            model.drain()  # queued requests go at once instead of waiting for company
         grace = self.config.grace_seconds if grace is None else grace
         self._server.stop(grace).wait()
         self._server = None
         for model in self.models.values():
             model.close()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
+            self._metrics_server = None
         if self._own_meter:
             self.meter.close()
 

@@ -4,7 +4,9 @@
 bytes, cuts the tensors out as ``memoryview`` slices (:mod:`moesaic.nodes.codec`), reads them
 with ``np.frombuffer`` and writes the reply the same way. Every reply carries the cost of
 the engine call as parameters ``compute_ms``, ``energy_mj`` (double) and ``energy_source``
-(string: nvml, jetson-ina3221, rapl or estimate).
+(string: nvml, jetson-ina3221, rapl or estimate). A model with ``dynamic_batching`` goes
+through its :class:`~moesaic.nodes.batching.DynamicBatcher`, and its replies carry the
+request's share of the batch's cost.
 """
 
 from __future__ import annotations
@@ -97,7 +99,8 @@ class InferenceServicer:
         self.is_ready = is_ready
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
         self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
-        self._energy = {name: metrics.energy.labels(expert=name, source=meter.source) for name in models}
+        source = "measured" if meter.measured else "estimated"
+        self._energy = {name: metrics.energy.labels(expert=name, source=source) for name in models}
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
@@ -177,11 +180,15 @@ class InferenceServicer:
             inputs = validate_inputs(model, header, raws)
             parameters = from_parameters(header.parameters) if header.parameters else {}
             meter = self.meter
-            start_j = meter.joules()
-            start = time.perf_counter()
-            outputs = model.infer(inputs, parameters)
-            seconds = time.perf_counter() - start
-            joules = meter.joules() - start_j
+            if model.batcher is None:
+                start_j = meter.joules()
+                start = time.perf_counter()
+                outputs = model.infer(inputs, parameters)
+                seconds = time.perf_counter() - start
+                joules = meter.joules() - start_j
+            else:
+                share = model.infer_batched(inputs, parameters, context.time_remaining())
+                outputs, seconds, joules = share.outputs, share.seconds, share.joules
             if header.outputs:
                 outputs = self._requested(model, outputs, header.outputs)
             reply = encode_response(

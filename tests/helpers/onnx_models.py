@@ -14,7 +14,14 @@ from pathlib import Path
 import onnx
 from onnx import TensorProto, helper
 
-__all__ = ["ONNX_TYPES", "write_add_model", "write_identity_model", "write_model"]
+__all__ = [
+    "ONNX_TYPES",
+    "write_add_model",
+    "write_batch_probe_model",
+    "write_gather_model",
+    "write_identity_model",
+    "write_model",
+]
 
 ONNX_TYPES = {
     "BOOL": TensorProto.BOOL,
@@ -76,5 +83,47 @@ def write_add_model(
             helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
         ],
         initializer=[one],
+    )
+    return write_model(root / name, graph, model_yaml=model_yaml)
+
+
+def write_batch_probe_model(root: Path, name: str, *, model_yaml: str | None = None) -> Path:
+    """Folder ``root/name``: FP32 ``x [N, F]`` -> ``y = 2x + 1`` and INT64 ``rows [N]``.
+
+    Every element of ``rows`` is N, the first dimension the engine was called with, so a
+    reply reveals how many rows its request was batched with.
+    """
+    two = helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Mul", ["x", "two"], ["x2"]),
+            helper.make_node("Add", ["x2", "one"], ["y"]),
+            helper.make_node("Shape", ["x"], ["n"], start=0, end=1),
+            helper.make_node("Expand", ["n", "n"], ["rows"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", "f"])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "f"]),
+            helper.make_tensor_value_info("rows", TensorProto.INT64, ["n"]),
+        ],
+        initializer=[two, one],
+    )
+    return write_model(root / name, graph, model_yaml=model_yaml)
+
+
+def write_gather_model(root: Path, name: str, *, model_yaml: str | None = None) -> Path:
+    """Folder ``root/name``: INT64 ``idx [N]`` -> FP32 ``row [N, 2]`` = rows 0..3 of a table.
+
+    An index outside 0..3 makes ONNX Runtime fail the call, whatever else is in the batch.
+    """
+    table = helper.make_tensor("table", TensorProto.FLOAT, [4, 2], [0, 1, 10, 11, 20, 21, 30, 31])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "idx"], ["row"], axis=0)],
+        name,
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("row", TensorProto.FLOAT, ["n", 2])],
+        initializer=[table],
     )
     return write_model(root / name, graph, model_yaml=model_yaml)

@@ -10,7 +10,7 @@ import pytest
 from moesaic.nodes.repository import scan_models
 from moesaic.runtime.devices import discover_device
 from moesaic.runtime.engine import TensorSpec
-from tests.helpers.onnx_models import write_add_model, write_identity_model
+from tests.helpers.onnx_models import write_add_model, write_batch_probe_model, write_identity_model
 
 
 def test_model_onnx_alone_needs_nothing_else(tmp_path: Path) -> None:
@@ -59,6 +59,18 @@ def test_model_yaml_fields(tmp_path: Path) -> None:
         ("processor: {frames: 2}\n", r"model.yaml: processor: .*needs a 'type'"),
         ("name: a/b\n", r"model.yaml: name: .*without '/'"),
         ("[1, 2]\n", r"model.yaml: expected a mapping"),
+        (
+            "dynamic_batching: {max_batch_size: 4, delay: 5}\n",
+            r"model.yaml: dynamic_batching.delay: Extra inputs are not permitted",
+        ),
+        (
+            "dynamic_batching: {max_batch_size: 0}\n",
+            r"model.yaml: dynamic_batching.max_batch_size: .*greater than or equal to 1",
+        ),
+        (
+            "dynamic_batching: {max_batch_size: 4, preferred_batch_sizes: [8]}\n",
+            r"model.yaml: dynamic_batching: .*preferred_batch_sizes: \[8\] outside 1..max_batch_size \(4\)",
+        ),
     ],
 )
 def test_model_yaml_errors_name_file_and_field(tmp_path: Path, text: str, match: str) -> None:
@@ -80,3 +92,37 @@ def test_broken_onnx_marks_model_failed(tmp_path: Path) -> None:
     (model,) = scan_models(tmp_path)
     model.load(discover_device("cpu"))
     assert model.state == "failed" and "EngineError" in model.error and not model.ready
+
+
+def test_dynamic_batching_loads_a_batching_model(tmp_path: Path) -> None:
+    write_batch_probe_model(
+        tmp_path, "probe", model_yaml="dynamic_batching: {max_batch_size: 4, max_queue_delay_us: 0}\n"
+    )
+    (model,) = scan_models(tmp_path)
+    model.load(discover_device("cpu"))
+    try:
+        assert model.ready, model.error
+        assert model.batcher is not None and model.batcher.config.max_batch_size == 4
+        share = model.infer_batched({"x": np.ones((2, 3), np.float32)}, {}, timeout=10)
+        np.testing.assert_array_equal(share.outputs["y"], np.full((2, 3), 3, np.float32))
+    finally:
+        model.close()
+    assert model.batcher is None
+
+
+@pytest.mark.parametrize(
+    ("shape", "message"),
+    [
+        ((-1, 4), "engine output 'total' has shape []"),  # y batches, the scalar sum cannot
+        ((2, 4), "engine input 'x' has shape [2, 4]"),  # fixed first dimension
+    ],
+    ids=["scalar-output", "fixed-batch"],
+)
+def test_dynamic_batching_rejects_a_model_that_cannot_batch(
+    tmp_path: Path, shape: tuple[int, ...], message: str
+) -> None:
+    write_add_model(tmp_path, "add", shape, model_yaml="dynamic_batching: {max_batch_size: 4}\n")
+    (model,) = scan_models(tmp_path)
+    model.load(discover_device("cpu"))
+    assert model.state == "failed" and model.batcher is None and model.engine is None
+    assert f"{tmp_path / 'add' / 'model.yaml'}: dynamic_batching: {message}" in model.error
