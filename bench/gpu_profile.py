@@ -98,6 +98,9 @@ class YoloSizedNet(nn.Module):
         self.s3 = nn.Sequential(ConvBnAct(w2, w3, 3, 2), C2f(w3, w3, 2))
         self.s4 = nn.Sequential(ConvBnAct(w3, w4, 3, 2), C2f(w4, w4, 1), SPPF(w4))
         self.up = nn.Upsample(scale_factor=2.0, mode="nearest")
+        self.register_buffer(
+            "dfl_bins", torch.arange(16, dtype=torch.float32).view(1, 1, 16, 1)
+        )  # moves with .to()
         self.n3 = C2f(w4 + w3, w3, 1)
         self.n2 = C2f(w3 + w2, w2, 1)
         self.box = nn.ModuleList(
@@ -118,7 +121,7 @@ class YoloSizedNet(nn.Module):
         for feat, box, cls in zip((f2, f3, p4), self.box, self.cls, strict=True):
             b = box(feat)
             bins = b.flatten(2).unflatten(1, (4, 16)).softmax(2)  # distribution focal loss bins
-            dist = (bins * torch.arange(16, device=b.device, dtype=b.dtype).view(1, 1, 16, 1)).sum(2)
+            dist = (bins * self.dfl_bins).sum(2)
             outs.append(torch.cat([dist, cls(feat).flatten(2).sigmoid()], dim=1))
         return torch.cat(outs, dim=2)  # [B, 4 + classes, anchors]
 
@@ -143,6 +146,31 @@ def export_models(folder: Path, size: int, batch: int) -> dict[str, Path]:
     save_torch_model(torch.export.export(net, (example,)), d / "model.pt2", inputs=inputs, outputs=outputs)
     files["torchscript"], files["torch.export"] = d / "model.ts", d / "model.pt2"
     return files
+
+
+def export_repository(root: Path, size: int, device: str, precision: str) -> Path:
+    """A model repository for ``moesaic profile``: ``root/yolo_sized`` (torch.export, dynamic batch)."""
+    torch.manual_seed(0)
+    net = YoloSizedNet().eval()
+    example = torch.zeros(2, 3, size, size)
+    with torch.no_grad():
+        anchors = int(net(example).shape[2])
+    program = torch.export.export(net, (example,), dynamic_shapes=({0: torch.export.Dim("batch", max=64)},))
+    folder = root / "yolo_sized"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch_model(
+        program,
+        folder / "model.pt2",
+        inputs=(TensorSpec("images", "FP32", (-1, 3, size, size)),),
+        outputs=(TensorSpec("predictions", "FP32", (-1, 84, anchors)),),
+    )
+    (folder / "model.yaml").write_text(
+        "task: benchmark\n"
+        "description: YOLO-sized convnet (bench/gpu_profile.py), random weights\n"
+        f"engine: {{type: torch, device: '{device}', precision: {precision}, "
+        f"static_shapes: {{images: [1, 3, {size}, {size}]}}}}\n"
+    )
+    return folder
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,9 +295,20 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=3.0, help="idle draw measured this long")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
+    parser.add_argument(
+        "--export-repo",
+        type=Path,
+        default=None,
+        help="only write a model repository for `moesaic profile` here",
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.export_repo:
+        precision = "fp16" if args.device.startswith("cuda") else "fp32"
+        folder = export_repository(args.export_repo, args.size or 640, args.device, precision)
+        print(f"wrote {folder}")
+        return 0
     report = run(args)
     text = table(report)
     dev = report["device"]

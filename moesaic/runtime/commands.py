@@ -225,7 +225,8 @@ def _profile_command(args: argparse.Namespace) -> int:
             f"{r.idle_watts:.1f}",
             r.energy_source,
         )
-    Console().print(table)
+    out = Console()
+    (out if out.is_terminal else Console(width=160)).print(table)
     console.print(f"wrote {len(records)} record(s) to {args.out}")
     return 1 if failed else 0
 
