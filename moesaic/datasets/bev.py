@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from moesaic.runtime.engine import MissingExtraError
-
 if TYPE_CHECKING:
     import torch
 
@@ -148,7 +146,8 @@ def ppn_occupancy(points: Any) -> np.ndarray:
     flat += iy[keep]
     grid = np.zeros(1000 * 1000, np.bool_)
     grid[flat.view(np.int32)] = True
-    return grid.reshape(1000, 1000)
+    occupancy: np.ndarray = grid.reshape(1000, 1000)
+    return occupancy
 
 
 def reference_voxel_occupancy(points: Any) -> np.ndarray:
@@ -166,7 +165,8 @@ def reference_voxel_occupancy(points: Any) -> np.ndarray:
     voxels = np.zeros((1000, 1000, 50), np.bool_)
     above = inside & (z > 0)
     voxels[ix[above].astype(np.int64), iy[above].astype(np.int64), iz[above].astype(np.int64)] = True
-    return voxels.any(axis=2)
+    bev: np.ndarray = voxels.any(axis=2)
+    return bev
 
 
 def _multi_select(pts: np.ndarray, grid: BevGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -310,6 +310,8 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError:
+        from moesaic.runtime.engine import MissingExtraError  # numpy-only import path above
+
         raise MissingExtraError("torch", "gpu") from None
     return torch
 

@@ -50,15 +50,15 @@ def _check_finite(path: Path, points: np.ndarray, record_bytes: int, base: int =
 
 
 def _read_raw_floats(path: Path, columns: int) -> np.ndarray:
-    data = path.read_bytes()
+    size = path.stat().st_size
     record = columns * _FLOAT.itemsize
-    if len(data) % record:
-        whole = len(data) - len(data) % record
+    if size % record:
+        whole = size - size % record
         raise ValueError(
-            f"{path}: truncated: {len(data)} bytes is not a whole number of {columns}-float records "
+            f"{path}: truncated: {size} bytes is not a whole number of {columns}-float records "
             f"({record} bytes each); the last record starts at byte offset {whole} and is incomplete"
         )
-    points = np.frombuffer(data, dtype=_FLOAT).reshape(-1, columns)
+    points = np.fromfile(path, dtype=_FLOAT).reshape(-1, columns)
     _check_finite(path, points, record)
     return np.ascontiguousarray(points[:, :4])
 
@@ -68,9 +68,9 @@ def _read_npy(path: Path) -> np.ndarray:
         try:
             version = np.lib.format.read_magic(f)
             if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
             else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
         except ValueError as exc:
             raise ValueError(f"{path}: corrupt .npy header at byte offset 0: {exc}") from None
         header_end = f.tell()
@@ -163,10 +163,12 @@ def _read_open3d(path: Path, suffix: str) -> np.ndarray:
         import open3d as o3d
     except ImportError:
         raise MissingExtraError("open3d", "lidar") from None
-    cloud = o3d.t.io.read_point_cloud(str(path))
+    cloud = o3d.t.io.read_point_cloud(str(path))  # type: ignore[arg-type]
     if "positions" not in cloud.point or len(cloud.point["positions"]) == 0:
         if len(data) > 0 and b"POINTS 0" not in data[:4096] and b"vertex 0" not in data[:4096]:
-            raise ValueError(f"{path}: corrupt {suffix[1:].upper()} file: no points could be read from byte offset 0")
+            raise ValueError(
+                f"{path}: corrupt {suffix[1:].upper()} file: no points could be read from byte offset 0"
+            )
         return np.zeros((0, 4), np.float32)
     xyz = cloud.point["positions"].numpy()
     points = np.zeros((xyz.shape[0], 4), np.float32)

@@ -1,0 +1,128 @@
+"""The ``ppn_bev`` processor: raw LiDAR points in, BEV segmentation or reconstruction out.
+
+A PPN model folder's ``model.yaml``::
+
+    task: bev_segmentation
+    engine: {type: onnxruntime}
+    processor: {type: ppn_bev, task: seg, mode: multi, frames: 4, resolution: 0.4,
+                x_range: [-51.2, 51.2], y_range: [-51.2, 51.2], z_range: [-5.0, 5.0]}
+
+Node-level tensors (CONTRIBUTING.md): input ``points`` FP32 ``[N, 4]`` plus the request
+parameter ``sensor_id``; output ``probs`` FP32 ``[C, H, W]`` (``task: seg``) or ``bev`` FP32
+``[1, H, W]`` (``task: rec``). Each request's scan is BEV-encoded and pushed into the ring
+buffer of its ``sensor_id`` (the last T frames, oldest first; zeros before the stream has T
+frames); the stack is the engine input ``[1, T*C, H, W]``. Streams idle beyond ``max_streams``
+are forgotten, least recently used first.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesaic.datasets.bev import BevRingBuffer
+from moesaic.datasets.lidar_scenes import CLASS_NAMES
+from moesaic.models.ppn.encoding import PpnEncoding
+from moesaic.runtime.engine import TensorSpec
+from moesaic.runtime.processing import Processor, register_processor
+
+__all__ = ["PpnBevProcessor"]
+
+_OWN_KEYS = {"task", "max_points", "max_streams", "class_names"}
+
+
+class PpnBevProcessor(Processor):
+    """BEV encoding + per-sensor temporal ring buffer around a PPN network."""
+
+    def __init__(self, options: Mapping[str, Any], model_dir: Path) -> None:
+        super().__init__(options, model_dir)
+        unknown = set(options) - _OWN_KEYS - {"mode", "frames", "resolution", "x_range", "y_range", "z_range"}
+        if unknown:
+            raise ValueError(f"processor: unknown option(s) {sorted(unknown)} for ppn_bev")
+        self.task = options.get("task", "seg")
+        if self.task not in ("seg", "rec"):
+            raise ValueError(f"processor.task: expected 'seg' or 'rec', got {self.task!r}")
+        self.encoding = PpnEncoding.from_options(options)
+        self.encoder = self.encoding.encoder()
+        self.max_points = int(options.get("max_points", 2_000_000))
+        self.max_streams = int(options.get("max_streams", 64))
+        self._names = [str(n) for n in options.get("class_names", CLASS_NAMES)]
+        self._buffers: OrderedDict[str, BevRingBuffer] = OrderedDict()
+        self._lock = threading.Lock()
+        self._engine_input = "bev"
+
+    def inputs(self, engine_inputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        if len(engine_inputs) != 1:
+            raise ValueError(
+                f"ppn_bev: the engine must take one input, it takes {[s.name for s in engine_inputs]}"
+            )
+        spec = engine_inputs[0]
+        expected = (self.encoding.in_channels, *self.encoding.shape)
+        if len(spec.shape) != 4 or any(
+            w not in (-1, e) for w, e in zip(spec.shape[1:], expected, strict=True)
+        ):
+            raise ValueError(
+                f"ppn_bev: engine input {spec.name!r} has shape {spec.shape}, "
+                f"the encoding gives [1, {expected}]"
+            )
+        self._engine_input = spec.name
+        return (TensorSpec("points", "FP32", (-1, 4)),)
+
+    def outputs(self, engine_outputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+        h, w = self.encoding.shape
+        if self.task == "seg":
+            return (TensorSpec("probs", "FP32", (len(self._names), h, w)),)
+        return (TensorSpec("bev", "FP32", (1, h, w)),)
+
+    def class_names(self) -> list[str]:
+        return list(self._names) if self.task == "seg" else []
+
+    def _buffer(self, sensor_id: str) -> BevRingBuffer:
+        buf = self._buffers.get(sensor_id)
+        if buf is None:
+            buf = BevRingBuffer(self.encoding.frames, self.encoder.shape)
+            self._buffers[sensor_id] = buf
+            while len(self._buffers) > self.max_streams:
+                self._buffers.popitem(last=False)
+        else:
+            self._buffers.move_to_end(sensor_id)
+        return buf
+
+    def preprocess(
+        self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]
+    ) -> tuple[dict[str, np.ndarray], Any]:
+        if "points" not in inputs:
+            raise ValueError(f"points: missing input; got {sorted(inputs)}")
+        points = inputs["points"]
+        if points.ndim != 2 or points.shape[1] != 4:
+            raise ValueError(f"points: expected shape [N, 4] (x, y, z, intensity), got {list(points.shape)}")
+        if points.dtype != np.float32:
+            raise ValueError(f"points: expected FP32, got {points.dtype}")
+        if points.shape[0] > self.max_points:
+            raise ValueError(f"points: {points.shape[0]} points exceed max_points={self.max_points}")
+        raw_id = parameters.get("sensor_id", "default")
+        sensor_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+        if not sensor_id:
+            raise ValueError("sensor_id: must be a non-empty string")
+        frame = self.encoder(points)
+        with self._lock:
+            buf = self._buffer(sensor_id)
+            buf.push(frame)
+            stacked = buf.stacked()
+        return {self._engine_input: stacked[None]}, None
+
+    def postprocess(self, outputs: Mapping[str, np.ndarray], context: Any) -> dict[str, np.ndarray]:
+        (out,) = outputs.values()
+        array = np.asarray(out, dtype=np.float32)
+        if array.ndim == 4:
+            array = array[0]
+        name = "probs" if self.task == "seg" else "bev"
+        return {name: np.ascontiguousarray(array)}
+
+
+register_processor("ppn_bev", PpnBevProcessor)
