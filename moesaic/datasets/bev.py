@@ -165,8 +165,7 @@ def reference_voxel_occupancy(points: Any) -> np.ndarray:
     voxels = np.zeros((1000, 1000, 50), np.bool_)
     above = inside & (z > 0)
     voxels[ix[above].astype(np.int64), iy[above].astype(np.int64), iz[above].astype(np.int64)] = True
-    bev: np.ndarray = voxels.any(axis=2)
-    return bev
+    return np.asarray(voxels.any(axis=2))
 
 
 def _multi_select(pts: np.ndarray, grid: BevGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
