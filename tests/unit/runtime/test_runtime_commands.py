@@ -68,7 +68,11 @@ def test_profile_bad_arguments(
 
 
 def test_synthetic_inputs() -> None:
-    specs = (TensorSpec("img", "UINT8", (-1, 8, 8, 3)), TensorSpec("k", "INT64", (-1,)), TensorSpec("f", "FP16", (2, -1)))
+    specs = (
+        TensorSpec("img", "UINT8", (-1, 8, 8, 3)),
+        TensorSpec("k", "INT64", (-1,)),
+        TensorSpec("f", "FP16", (2, -1)),
+    )
     assert synthetic_inputs(specs, 4) is None  # f has a fixed batch of 2
     inputs = synthetic_inputs(specs[:2], 4)
     assert inputs is not None
