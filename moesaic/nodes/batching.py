@@ -283,14 +283,13 @@ class DynamicBatcher:
                         return None
                     cond.wait()
                     continue
-                members, rows = self._compatible()
-                take = self._due(members, rows, now)
-                if take:
-                    for pending in members[:take]:
+                batch, wake = self._pick(now)
+                if batch:
+                    for pending in batch:
                         self._queue.remove(pending)
                         pending.state = "running"
-                    return members[:take]
-                cond.wait(max(self._queue[0].enqueued + self._delay - now, 0.0))
+                    return batch
+                cond.wait(max(wake - now, 0.0))
 
     def _drop_expired(self, now: float) -> None:
         for pending in [p for p in self._queue if p.deadline is not None and p.deadline <= now]:
@@ -298,15 +297,33 @@ class DynamicBatcher:
             self._inflight.pop(pending.id, None)
             pending.finish(error=self._expired(pending))
 
-    def _compatible(self) -> tuple[list[_Pending], int]:
-        """The oldest request and, in arrival order, the ones that fit its batch."""
-        head = self._queue[0]
+    def _pick(self, now: float) -> tuple[list[_Pending], float]:
+        """The first batch that is due, oldest group first; else ([], when the next one is due).
+
+        A group is the queued requests of one key (names, dtypes, non-batch dimensions), so a
+        request of another shape never waits behind a group that is still gathering.
+        """
+        seen: set[tuple[Any, ...]] = set()
+        wake = float("inf")
+        for head in self._queue:
+            if head.key in seen:
+                continue
+            seen.add(head.key)
+            members, rows = self._compatible(head)
+            take = self._due(members, rows, now)
+            if take:
+                return members[:take], now
+            wake = min(wake, head.enqueued + self._delay)
+        return [], wake
+
+    def _compatible(self, head: _Pending) -> tuple[list[_Pending], int]:
+        """``head`` (the oldest of its key) and, in arrival order, the requests that fit its batch."""
         members, rows = [head], head.rows
         limit = self.config.max_batch_size
-        for pending in itertools.islice(self._queue, 1, None):
+        for pending in self._queue:
             if rows >= limit:
                 break
-            if pending.key == head.key and rows + pending.rows <= limit:
+            if pending is not head and pending.key == head.key and rows + pending.rows <= limit:
                 members.append(pending)
                 rows += pending.rows
         return members, rows

@@ -238,3 +238,19 @@ def test_check_batchable_accepts_a_batching_engine() -> None:
         [TensorSpec("y", "FP32", (-1, -1))],
     )
     check_batchable(description, lambda f: {"y": f["x"] * 2}, "m")
+
+
+def test_a_group_still_gathering_does_not_hold_back_another_shape() -> None:
+    run = Recorder()
+    batcher = _batcher(run, max_batch_size=8, max_queue_delay_us=20_000_000, preferred_batch_sizes=[2])
+    with ThreadPoolExecutor(1) as pool:
+        lonely = pool.submit(batcher.submit, {"x": np.ones((1, 2), np.float32)}, 30)  # waits for a partner
+        deadline = time.monotonic() + 5
+        while batcher.queued() == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        shares = _submit_all(batcher, [np.ones((1, 3), np.float32)] * 2)  # another shape, a pair
+        assert [s.batch_rows for s in shares] == [2, 2] and not lonely.done()
+        batcher.drain()
+        assert lonely.result(timeout=5).batch_rows == 1
+    batcher.close()
+    assert run.calls == [2, 1]
