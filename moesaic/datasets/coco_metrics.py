@@ -35,7 +35,10 @@ class CocoMetrics:
     map_small: float
     recall50_95: float
     """Average recall at up to ``max_dets`` detections per image (COCO AR)."""
+    recall50: float = -1.0
+    """Recall at IoU 0.5 (COCOeval's matching), averaged over classes."""
     per_class_map50: dict[str, float] = field(default_factory=dict)
+    per_class_recall50: dict[str, float] = field(default_factory=dict)
     images: int = 0
     ground_truth_boxes: int = 0
 
@@ -46,7 +49,9 @@ class CocoMetrics:
             "mAP75": self.map75,
             "mAP_small": self.map_small,
             "AR": self.recall50_95,
+            "recall50": self.recall50,
             "per_class_mAP50": self.per_class_map50,
+            "per_class_recall50": self.per_class_recall50,
             "images": self.images,
             "gt_boxes": self.ground_truth_boxes,
         }
@@ -111,15 +116,14 @@ def evaluate(
         "categories": [{"id": i + 1, "name": n} for i, n in enumerate(class_names)],
     }
     if not annotations:
-        return CocoMetrics(-1.0, -1.0, -1.0, -1.0, -1.0, {}, len(images), 0)
+        return CocoMetrics(-1.0, -1.0, -1.0, -1.0, -1.0, images=len(images))
     with contextlib.redirect_stdout(io.StringIO()):
         coco_gt = COCO()
         coco_gt.dataset = gt_dict
         coco_gt.createIndex()
         if not results:
-            return CocoMetrics(
-                0.0, 0.0, 0.0, 0.0, 0.0, dict.fromkeys(class_names, 0.0), len(images), len(annotations)
-            )
+            zeros = dict.fromkeys(class_names, 0.0)
+            return CocoMetrics(0.0, 0.0, 0.0, 0.0, 0.0, 0.0, zeros, zeros, len(images), len(annotations))
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, "bbox")
         ev.params.maxDets = [1, 10, max_dets]
@@ -143,7 +147,9 @@ def evaluate(
         map75=mean(precision[5, :, :, 0, -1]),
         map_small=mean(precision[:, :, :, 1, -1]),
         recall50_95=mean(recall[:, :, 0, -1]),
+        recall50=mean(recall[0, :, 0, -1]),
         per_class_map50=per_class,
+        per_class_recall50={name: mean(recall[0, k, 0, -1]) for k, name in enumerate(class_names)},
         images=len(images),
         ground_truth_boxes=len(annotations),
     )

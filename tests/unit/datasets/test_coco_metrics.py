@@ -50,3 +50,11 @@ def test_input_checks() -> None:
     bad = [Detections(np.array([[0, 0, 1, 1]]), [1.0], [5], NAMES)] * 2
     with pytest.raises(ValueError, match=r"class ids must be in \[0, 2\)"):
         evaluate(_gt(), bad, NAMES)
+
+
+def test_recall_at_half_iou_per_class() -> None:
+    gt = _gt()
+    half = [Detections(g.boxes[:1], g.scores[:1], g.class_ids[:1], NAMES) for g in gt]  # first vehicle only
+    m = evaluate(gt, half, NAMES)
+    assert m.per_class_recall50 == {"vehicle": pytest.approx(2 / 3), "pedestrian": pytest.approx(0.0)}
+    assert m.recall50 == pytest.approx(1 / 3)
