@@ -77,9 +77,9 @@ def _background(rng: np.random.Generator, size: int, road: int, cx: int, cy: int
     stripe = max(2, road // 16)
     for k in range(-road // 2 + stripe, road // 2 - stripe, 2 * stripe):
         for sy in (cy - road // 2 - walk, cy + road // 2 + 2):
-            draw.rectangle([cx + k, sy, cx + k + stripe - 1, sy + walk - 3], fill=line)
+            draw.rectangle([cx + k, sy, cx + k + stripe - 1, sy + max(walk - 3, 1)], fill=line)
         for sx in (cx - road // 2 - walk, cx + road // 2 + 2):
-            draw.rectangle([sx, cy + k, sx + walk - 3, cy + k + stripe - 1], fill=line)
+            draw.rectangle([sx, cy + k, sx + max(walk - 3, 1), cy + k + stripe - 1], fill=line)
     # Texture: a little per-pixel noise and some darker patches (oil, repairs).
     for _ in range(int(rng.integers(3, 10))):
         x, y, r = (
