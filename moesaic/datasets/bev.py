@@ -128,24 +128,32 @@ def ppn_occupancy(points: Any) -> np.ndarray:
     """The PPN occupancy grid of one scan: ``(1000, 1000)`` bool indexed ``[ix, iy]``.
 
     Exactly the reference definition (see the module docstring), in the same float32
-    arithmetic; no Python loop over points. Points are filtered once (``z > 0``), the rest is
-    integer math on the survivors and one fancy assignment into a flat bool grid.
+    arithmetic; no Python loop over points. When few points have ``z > 0`` (a typical scan
+    with the sensor above the ground) they are filtered out first; otherwise every column is
+    indexed in place. Either way, the rest is integer math and one fancy assignment into a
+    flat bool grid.
     """
     pts = check_points(points)
-    sel = np.compress(pts[:, 2] > 0, pts, axis=0)
-    zi = np.divide(sel[:, 2], _F32(0.2))
+    above = pts[:, 2] > 0
+    survivors = int(np.count_nonzero(above))
+    if survivors * 3 < len(pts):
+        pts = np.compress(above, pts, axis=0)
+        above = None
+    z = pts[:, 2]
+    zi = np.divide(z, _F32(0.2))
     zi += _F32(25.0)
     # floor(z / 0.2 + 25) < 50  <=>  z / 0.2 + 25 < 50: the top of the voxel grid.
     keep = zi < _F32(50.0)
-    ix = _cell_index(sel[:, 0], 0.2, -100.0, 1000, zi)
-    iy = _cell_index(sel[:, 1], 0.2, -100.0, 1000)
+    if above is not None:
+        keep &= above
+    ix = _cell_index(pts[:, 0], 0.2, -100.0, 1000, zi)
+    iy = _cell_index(pts[:, 1], 0.2, -100.0, 1000)
     keep &= ix < 1000
     keep &= iy < 1000
-    flat = ix[keep]
-    flat *= 1000
-    flat += iy[keep]
+    ix *= 1000
+    ix += iy
     grid = np.zeros(1000 * 1000, np.bool_)
-    grid[flat.view(np.int32)] = True
+    grid[ix[keep].astype(np.intp)] = True
     occupancy: np.ndarray = grid.reshape(1000, 1000)
     return occupancy
 

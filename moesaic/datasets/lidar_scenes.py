@@ -35,7 +35,6 @@ import numpy as np
 
 from moesaic.datasets.bev import BevGrid
 from moesaic.datasets.pointcloud import read_points, write_kitti_bin
-from moesaic.runtime.engine import MissingExtraError
 
 __all__ = [
     "CLASS_NAMES",
@@ -225,6 +224,8 @@ class _Caster:
         try:
             import open3d as o3d
         except ImportError:
+            from moesaic.runtime.engine import MissingExtraError
+
             raise MissingExtraError("open3d", "lidar") from None
         self.o3d = o3d
         self.track = track

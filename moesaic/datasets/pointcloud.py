@@ -22,8 +22,6 @@ from typing import Any, overload
 
 import numpy as np
 
-from moesaic.runtime.engine import MissingExtraError
-
 __all__ = ["POINT_FORMATS", "PointCloudSequence", "read_points", "write_kitti_bin"]
 
 #: File suffixes :func:`read_points` understands, longest first.
@@ -41,6 +39,8 @@ def _suffix(path: Path) -> str:
 
 
 def _check_finite(path: Path, points: np.ndarray, record_bytes: int, base: int = 0) -> None:
+    if np.isfinite(points).all():  # one fast pass over the whole block; locate only on failure
+        return
     bad = ~np.isfinite(points[:, :3]).all(axis=1)
     if bad.any():
         row = int(np.argmax(bad))
@@ -59,7 +59,7 @@ def _read_raw_floats(path: Path, columns: int) -> np.ndarray:
             f"({record} bytes each); the last record starts at byte offset {whole} and is incomplete"
         )
     points = np.fromfile(path, dtype=_FLOAT).reshape(-1, columns)
-    _check_finite(path, points, record)
+    _check_finite(path, points[:, :3] if columns != 4 else points, record)
     return np.ascontiguousarray(points[:, :4])
 
 
@@ -162,6 +162,8 @@ def _read_open3d(path: Path, suffix: str) -> np.ndarray:
     try:
         import open3d as o3d
     except ImportError:
+        from moesaic.runtime.engine import MissingExtraError
+
         raise MissingExtraError("open3d", "lidar") from None
     cloud = o3d.t.io.read_point_cloud(str(path))  # type: ignore[arg-type]
     if "positions" not in cloud.point or len(cloud.point["positions"]) == 0:

@@ -144,9 +144,12 @@ def edge_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def _dice(prob: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Soft Dice over the classes present in ``target`` (absent ones would only punish rare classes)."""
     inter = (prob * target).sum(dim=(0, 2, 3))
-    total = prob.sum(dim=(0, 2, 3)) + target.sum(dim=(0, 2, 3))
-    return 1 - ((2 * inter + 1) / (total + 1)).mean()
+    mass = target.sum(dim=(0, 2, 3))
+    score = (2 * inter + 1) / (prob.sum(dim=(0, 2, 3)) + mass + 1)
+    present = (mass > 0).to(score)
+    return 1 - (score * present).sum() / present.sum().clamp(min=1.0)
 
 
 def seg_loss(
@@ -347,7 +350,7 @@ def write_model_folder(
             f"({config.size}, {result.parameters:,} parameters) on {config.encoding.mode} BEV, "
             f"T={config.encoding.frames}, {config.encoding.grid.resolution} m cells"
         ),
-        "engine": {"type": "onnxruntime", "intra_op_threads": 1},
+        "engine": {"type": "onnxruntime", **({"intra_op_threads": 1} if config.size == "small" else {})},
         "processor": {"type": "ppn_bev", "task": config.task, **config.encoding.to_options()},
     }
     if config.task == "seg":
