@@ -74,3 +74,21 @@ def test_loader_errors(tmp_path: Path) -> None:
         load_detector(tmp_path / "weights.bin")
     with pytest.raises(ValueError, match=r"without model\.yaml"):
         load_detector(tmp_path)
+
+
+def test_ultralytics_engine_serves_a_checkpoint(tmp_path: Path) -> None:
+    pytest.importorskip("ultralytics")
+    from moesaic.models.detector.offline import import_ultralytics
+    from moesaic.runtime.engine import EngineError, create_engine
+
+    ultralytics = import_ultralytics()
+    ultralytics.YOLO("yolov8n.yaml", task="detect").save(str(tmp_path / "model.pt"))
+    engine = create_engine({"type": "ultralytics", "imgsz": 64}, tmp_path)
+    with engine:
+        assert [s.name for s in engine.describe().outputs] == ["boxes", "scores", "class_ids"]
+        out = engine.infer({"image": np.zeros((48, 80, 3), np.uint8)})
+        assert out["boxes"].shape[1] == 4 and out["class_ids"].dtype == np.int64
+        with pytest.raises(ValueError, match="image"):
+            engine.infer({"image": np.zeros((48, 80), np.uint8)})
+    with pytest.raises(EngineError, match="no such checkpoint"):
+        create_engine({"type": "ultralytics", "file": "missing.pt"}, tmp_path).load()
