@@ -134,10 +134,10 @@ def ppn_occupancy(points: Any) -> np.ndarray:
     flat bool grid.
     """
     pts = check_points(points)
-    above = pts[:, 2] > 0
-    survivors = int(np.count_nonzero(above))
-    if survivors * 3 < len(pts):
-        pts = np.compress(above, pts, axis=0)
+    positive = pts[:, 2] > 0
+    above: np.ndarray | None = positive
+    if int(np.count_nonzero(positive)) * 3 < len(pts):
+        pts = np.compress(positive, pts, axis=0)
         above = None
     z = pts[:, 2]
     zi = np.divide(z, _F32(0.2))
