@@ -164,6 +164,9 @@ class ServedModel:
             config = config.model_copy(update={"providers": ["CPUExecutionProvider"]})
         if "device_id" in fields and device.kind == "cuda" and "device_id" not in config.model_fields_set:
             config = config.model_copy(update={"device_id": device.index})
+        if "device" in fields and "device" not in config.model_fields_set:
+            # An engine with its own device choice runs where the node was told to run.
+            config = config.model_copy(update={"device": device.id if device.kind == "cuda" else "cpu"})
         return config
 
     def load(

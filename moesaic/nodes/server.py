@@ -115,19 +115,30 @@ class NodeServer:
         return self.port
 
     def load_models(self) -> None:
-        """Load every model (sequentially), then mark health SERVING."""
-        for model in self.models.values():
-            if self._stopping:
-                return
-            model.load(self.device, meter=self.meter, on_batch=self._batch_observer(model.name))
-            if model.ready:
-                self._health.set(model.name, SERVING)
-                log.info("model %s ready on %s", model.name, model.device)
+        """Load every model, each on its own thread (a TensorRT plan build takes minutes and
+        must not hold the others back); a model goes SERVING as soon as it is ready, the
+        server once all have finished loading."""
+        threads = [
+            threading.Thread(target=self._load_one, args=(model,), name=f"load-{model.name}", daemon=True)
+            for model in self.models.values()
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
         if self._stopping:
             return
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
         self._loaded.set()
+
+    def _load_one(self, model: ServedModel) -> None:
+        if self._stopping:
+            return
+        model.load(self.device, meter=self.meter, on_batch=self._batch_observer(model.name))
+        if model.ready:
+            self._health.set(model.name, SERVING)
+            log.info("model %s ready on %s", model.name, model.device)
 
     def _batch_observer(self, name: str) -> Callable[[int, int], None]:
         rows = self.metrics.batch_rows.labels(expert=name)

@@ -29,6 +29,7 @@ from moesaic.runtime.engine import (
     dtype_of,
     register_engine,
 )
+from moesaic.runtime.tensors import check_inputs
 
 __all__ = ["DEFAULT_PROVIDERS", "OnnxRuntimeConfig", "OnnxRuntimeEngine", "ort_datatype"]
 
@@ -203,6 +204,9 @@ class OnnxRuntimeEngine(Engine):
         except self._ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise ValueError(f"{self.path.parent.name}: {exc}") from None
         except Exception as exc:
+            # Bad input (a missing or unknown tensor, a wrong shape) is the caller's error, not
+            # the engine's: check only now, so the hot path pays nothing for it.
+            check_inputs(self._inputs, inputs)
             raise EngineError(f"{self.path.parent.name}: inference failed: {exc}") from exc
         return dict(zip(self._output_names, results, strict=True))
 

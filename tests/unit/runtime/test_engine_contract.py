@@ -111,17 +111,9 @@ def test_lifecycle(backend: tuple[str, Engine, list[int]]) -> None:
     ids=["datatype", "rank", "dimension", "missing", "unknown"],
 )
 def test_bad_input_raises_value_error(
-    backend: tuple[str, Engine, list[int]], inputs: dict[str, np.ndarray], request: pytest.FixtureRequest
+    backend: tuple[str, Engine, list[int]], inputs: dict[str, np.ndarray]
 ) -> None:
     kind, engine, _ = backend
-    if kind == "onnxruntime" and not inputs:
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="onnxruntime_engine wraps ORT's missing-input ValueError in EngineError; "
-                "fix: validate with moesaic.runtime.tensors.check_inputs before session.run",
-            )
-        )
     with engine:
         with pytest.raises(ValueError, match=r"x|z"):
             engine.infer(inputs)
