@@ -113,7 +113,7 @@ def test_lifecycle(backend: tuple[str, Engine, list[int]]) -> None:
 def test_bad_input_raises_value_error(
     backend: tuple[str, Engine, list[int]], inputs: dict[str, np.ndarray]
 ) -> None:
-    kind, engine, _ = backend
+    _, engine, _ = backend
     with engine:
         with pytest.raises(ValueError, match=r"x|z"):
             engine.infer(inputs)
