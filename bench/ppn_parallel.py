@@ -124,7 +124,8 @@ class Graphed:
 
     def run(self) -> None:
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.device):  # replay on this GPU's current stream
+                self.graph.replay()
         else:
             self.out = self._forward()
 
@@ -207,7 +208,8 @@ def main() -> int:
         seg0.run()
         rec0.run()
 
-    rows["sequential, 1 GPU (graphs)"] = t_seq = wall(sequential, [d0], args.iters)
+    seq_name = "sequential, 1 GPU (graphs)" if d0.type == "cuda" else "sequential, CPU (eager)"
+    rows[seq_name] = t_seq = wall(sequential, [d0], args.iters)
     result: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if n_gpu else "cpu",
         "gpus": n_gpu,
