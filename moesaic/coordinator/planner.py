@@ -14,6 +14,7 @@ whole pool (still re-checked against the budget).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Collection, Mapping, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 from moesaic.coordinator.config import CoordinatorSettings, TaskSettings
 from moesaic.coordinator.gate import Gate
 from moesaic.coordinator.registry import Expert, Registry
-from moesaic.coordinator.selection import Budget, fits, solve
+from moesaic.coordinator.selection import Budget, solve
 from moesaic.coordinator.validation import ValidationTable
 
 __all__ = ["Plan", "Planner", "TaskModel", "load_task_models"]
@@ -65,6 +66,49 @@ def load_task_models(tasks: Mapping[str, TaskSettings]) -> dict[str, TaskModel]:
 
 
 @dataclass(frozen=True)
+class _Pool:
+    """A cached coarse pool with the gate's columns for it, so a request costs one small matmul."""
+
+    experts: tuple[Expert, ...]
+    weights_cols: np.ndarray | None
+    bias_cols: np.ndarray | None
+    prior: np.ndarray | None
+    columns: tuple[tuple[float, tuple[float, ...]], ...] | None = None
+    """(bias, weights) per pool expert, for the pure-Python path."""
+
+    @classmethod
+    def of(cls, tm: TaskModel, experts: list[Expert]) -> _Pool:
+        if tm.gate is not None and experts:
+            index = {e: i for i, e in enumerate(tm.gate.experts)}
+            cols = [index[e.id] for e in experts]
+            # Fold the feature standardisation into the columns: z = f @ W' + b'.
+            w = tm.gate.weights[:, cols] / tm.gate.scale[:, None]
+            b = tm.gate.bias[cols] - (tm.gate.mean / tm.gate.scale) @ tm.gate.weights[:, cols]
+            columns = tuple((float(b[j]), tuple(w[:, j].tolist())) for j in range(len(cols)))
+            return cls(tuple(experts), w, b, None, columns if len(cols) * w.shape[0] <= 512 else None)
+        prior = np.array([e.weight for e in experts], np.float64)
+        return cls(tuple(experts), None, None, prior / prior.sum() if len(prior) else prior)
+
+    def weights(self, tm: TaskModel, features: np.ndarray | None) -> list[float]:
+        """Gate weights of one request renormalised over this pool (softmax over its columns)."""
+        if self.weights_cols is None or self.bias_cols is None or tm.gate is None or features is None:
+            if self.prior is not None:
+                return [float(p) for p in self.prior]
+            return [1.0 / len(self.experts)] * len(self.experts)
+        if self.columns is None:  # large pools: numpy
+            z = features @ self.weights_cols + self.bias_cols
+            e = np.exp(z - z.max())
+            return [float(x) for x in e / e.sum()]
+        # Small pools: plain Python beats numpy's per-call overhead on a few dozen numbers.
+        f = features.tolist()
+        zs = [b + sum(x * w for x, w in zip(f, col, strict=True)) for b, col in self.columns]
+        top = max(zs)
+        es = [math.exp(z - top) for z in zs]
+        total = sum(es)
+        return [e / total for e in es]
+
+
+@dataclass(frozen=True)
 class Plan:
     experts: tuple[Expert, ...]
     weights: tuple[float, ...]
@@ -74,7 +118,9 @@ class Plan:
     feasible: bool
 
 
+@functools.lru_cache(maxsize=4096)
 def _bucket(value: float, ratio: float) -> float:
+    """``value`` rounded down to a power of ``ratio`` (0 stays 0 = unbounded)."""
     if value <= 0:
         return 0.0
     return float(ratio ** math.floor(math.log(value) / math.log(ratio) + 1e-12))
@@ -100,6 +146,7 @@ class Planner:
         self.registry = registry
         self.tasks = dict(tasks)
         self._cache: dict[tuple[object, ...], tuple[str, ...]] = {}
+        self._pools: dict[tuple[object, ...], _Pool] = {}
         self.solves = 0
 
     def task_model(self, task: str) -> TaskModel:
@@ -115,35 +162,48 @@ class Planner:
 
     def pool(self, task: str, budget: Budget, exclude: Collection[str] = ()) -> list[Expert]:
         """Coarse level: the cached exact optimum S* for the budget's bucket (empty when none fits)."""
-        cands = self.candidates(task, exclude)
-        tm = self.task_model(task)
-        if not cands or tm.table is None or tm.table_gate is None:
-            return cands
+        return list(self._pool(task, budget, exclude).experts)
+
+    def _pool(self, task: str, budget: Budget, exclude: Collection[str] = ()) -> _Pool:
+        fast_key = (task, budget.latency_ms, budget.energy_mj, self.registry.epoch) if not exclude else None
+        if fast_key is not None and (hit := self._pools.get(fast_key)) is not None:
+            return hit
         ratio = self.settings.budget_bucket_ratio
         bucketed = Budget(_bucket(budget.latency_ms, ratio), _bucket(budget.energy_mj, ratio))
-        key = (task, bucketed, tuple(e.id for e in cands), self.registry.epoch)
+        cands = self.candidates(task, exclude)
+        tm = self.task_model(task)
+        if cands and tm.table is not None and tm.table_gate is not None:
+            ids = self._solve(tm, cands, bucketed)
+            if not ids and bucketed != budget:
+                # Rounding the budget down made it infeasible: solve the request's own budget.
+                ids = self._solve(tm, cands, budget)
+            by_id = {e.id: e for e in cands}
+            chosen = [by_id[i] for i in ids]
+        else:
+            chosen = cands
+        pool = _Pool.of(tm, chosen)
+        if fast_key is not None:
+            if len(self._pools) > 4096:
+                self._pools.clear()
+            self._pools[fast_key] = pool
+        return pool
+
+    def _solve(self, tm: TaskModel, cands: list[Expert], budget: Budget) -> tuple[str, ...]:
+        assert tm.table is not None and tm.table_gate is not None
+        key = (tm.task, budget, tuple(e.id for e in cands), self.registry.epoch)
         ids = self._cache.get(key)
         if ids is None:
-            problem = tm.table.problem(
-                tm.table_gate, [e.cost() for e in cands], overhead_ms=self.settings.overhead_ms
-            )
-            selection = solve(problem, bucketed)
-            self.solves += 1
-            ids = selection.ids if selection.feasible else ()
-            if len(self._cache) > 4096:
-                self._cache.clear()
-            self._cache[key] = ids
-            log.debug("coarse %s %s -> %s (%d nodes)", task, bucketed, ids, selection.nodes_explored)
-        if not ids and bucketed != budget:
-            # Rounding down the budget made it infeasible: solve the request's own budget once.
             problem = tm.table.problem(
                 tm.table_gate, [e.cost() for e in cands], overhead_ms=self.settings.overhead_ms
             )
             selection = solve(problem, budget)
             self.solves += 1
             ids = selection.ids if selection.feasible else ()
-        by_id = {e.id: e for e in cands}
-        return [by_id[i] for i in ids]
+            if len(self._cache) > 4096:
+                self._cache.clear()
+            self._cache[key] = ids
+            log.debug("coarse %s %s -> %s (%d nodes)", tm.task, budget, ids, selection.nodes_explored)
+        return ids
 
     def gate_weights(self, task: str, features: np.ndarray | None, experts: Sequence[Expert]) -> np.ndarray:
         """The request's gate weights renormalised over ``experts``."""
@@ -174,20 +234,31 @@ class Planner:
         """
         tm = self.task_model(task)
         k = limit if limit is not None else (tm.max_experts or self.settings.max_experts or 1 << 30)
-        pool = self.pool(task, budget, exclude) if k > 0 else []
-        weights = self.gate_weights(task, features, pool)
-        order: list[int] = [int(i) for i in np.argsort(-weights, kind="stable")]
+        pool = self._pool(task, budget, exclude) if k > 0 else _Pool((), None, None, None)
+        weights = pool.weights(tm, features)
         chosen: list[Expert] = []
-        for i in order:
-            if len(chosen) >= k:
-                break
-            trial = [*chosen, pool[int(i)]]
-            if fits(*set_cost(trial, self.settings.overhead_ms, busy), budget):
-                chosen = trial
+        picked: list[float] = []
+        per_device = dict(busy or {})
+        energy = 0.0
+        overhead = self.settings.overhead_ms
+        longest = max(per_device.values(), default=0.0)
+        lat_cap = budget.latency_ms * (1 + 1e-9) if budget.latency_ms > 0 else math.inf
+        e_cap = budget.energy_mj * (1 + 1e-9) if budget.energy_mj > 0 else math.inf
+        for i in sorted(range(len(weights)), key=weights.__getitem__, reverse=True):
+            e = pool.experts[i]
+            queued = per_device.get(e.device, 0.0) + e.latency_ms
+            if max(longest, queued) + overhead <= lat_cap and energy + e.energy_mj <= e_cap:
+                chosen.append(e)
+                picked.append(weights[i])
+                per_device[e.device] = queued
+                longest = max(longest, queued)
+                energy += e.energy_mj
+                if len(chosen) >= k:
+                    break
         if chosen:
-            w = self.gate_weights(task, features, chosen)
-            lat, energy = set_cost(chosen, self.settings.overhead_ms, busy)
-            return Plan(tuple(chosen), tuple(float(x) for x in w), lat, energy, True)
+            total = sum(picked)
+            w = tuple(x / total for x in picked) if total > 0 else tuple(1.0 / len(picked) for _ in picked)
+            return Plan(tuple(chosen), w, max(per_device.values()) + overhead, energy, True)
         cands = self.candidates(task, exclude)
         if not fallback or not cands:
             return Plan((), (), 0.0, 0.0, False)

@@ -253,6 +253,7 @@ class Registry:
         for name in list(node.experts):
             if name not in seen:
                 del node.experts[name]
+        self.epoch += 1
 
     async def _probe_loop(self) -> None:
         while True:

@@ -250,9 +250,9 @@ class _Search:
         self.b = problem.gate
         self.m = problem.q.shape[0]
         # Per-sample expert order by q descending, and the sorted a / b columns.
-        self.order = np.argsort(-problem.q, axis=1, kind="stable")
-        self.a_sorted = np.take_along_axis(self.a, self.order, axis=1)
-        self.b_sorted = np.take_along_axis(self.b, self.order, axis=1)
+        self.qT = np.ascontiguousarray(problem.q.T)  # [N, M]: gathers of candidate rows
+        self.aT = np.ascontiguousarray(self.a.T)
+        self.bT = np.ascontiguousarray(self.b.T)
         devices = sorted({e.device for e in problem.experts})
         self.dev = [devices.index(e.device) for e in problem.experts]
         self.n_dev = len(devices)
@@ -300,28 +300,128 @@ class _Search:
         return k
 
     # -- bound -------------------------------------------------------------------------
-    def bound(self, num: np.ndarray, den: np.ndarray, cands: list[int], k: int) -> float:
-        """Lower bound on L(I ∪ T) over T ⊆ cands, |T| <= k (num/den: sums of a/b over I)."""
-        base = num / den
+    def bound(
+        self,
+        num: np.ndarray,
+        den: np.ndarray,
+        cands: list[int],
+        k: int,
+        room: float = math.inf,
+    ) -> float:
+        """Lower bound on L(I ∪ T) over T ⊆ cands with |T| <= k and energy(T) <= room.
+
+        ``num``/``den`` are the per-sample sums of a = g q and b = g over the chosen set I.
+        """
         if not cands or k == 0:
-            return self._loss_of(base)
-        mask = np.zeros(self.p.size, dtype=bool)
-        mask[cands] = True
-        msort = mask[self.order]
-        ratios = (num[:, None] + np.cumsum(self.a_sorted * msort, axis=1)) / (
-            den[:, None] + np.cumsum(self.b_sorted * msort, axis=1)
-        )
-        # Unconstrained maximum of the ratio: a prefix of the q-sorted candidates (a threshold set).
-        ratio = np.maximum(base, ratios.max(axis=1))
+            return self._loss_of(num / den)
+        ratio, ratios = self._unconstrained(num[None], den[None], [cands])
+        return self._refine(num, den, cands, k, room, ratio[0], ratios[0])
+
+    def _unconstrained(
+        self, nums: np.ndarray, dens: np.ndarray, rests: list[list[int]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Per child j and sample i, the largest ratio over T ⊆ rests[j]: a prefix of the
+        candidates sorted by q (a threshold set). Batched over children.
+
+        Returns the maxima [J, M] and the prefix ratios [J, M, R] (column t: the best t + 1).
+        """
+        width = max(len(r) for r in rests)
+        cols = np.zeros((len(rests), width), np.int64)
+        valid = np.zeros((len(rests), width), bool)
+        for j, rest in enumerate(rests):
+            cols[j, : len(rest)] = rest
+            valid[j, : len(rest)] = True
+        v = valid[:, None, :]
+        q = np.where(v, self.qT[cols].transpose(0, 2, 1), -1.0)  # [J, M, R]; padding sorts last
+        order = np.argsort(-q, axis=2, kind="stable")
+        a = np.take_along_axis(self.aT[cols].transpose(0, 2, 1) * v, order, axis=2)
+        b = np.take_along_axis(self.bT[cols].transpose(0, 2, 1) * v, order, axis=2)
+        ratios = (nums[:, :, None] + np.cumsum(a, axis=2)) / (dens[:, :, None] + np.cumsum(b, axis=2))
+        return np.maximum(nums / dens, ratios.max(axis=2)), ratios
+
+    def _refine(
+        self,
+        num: np.ndarray,
+        den: np.ndarray,
+        cands: list[int],
+        k: int,
+        room: float,
+        ratio: np.ndarray,
+        ratios: np.ndarray,
+    ) -> float:
+        """Tighten the unconstrained ``ratio`` with the cardinality and energy limits."""
         lb = self._loss_of(ratio)
         r = len(cands)
-        if k >= r or lb >= self.best_loss:
+        energies = self.energy[cands]
+        energy_binds = float(energies.sum()) > room
+        if lb >= self.best_loss or (k >= r and not energy_binds):
             return lb
+        base = num / den
+        if k < r:
+            ratio = np.minimum(ratio, self._cardinality(num, den, cands, k, ratios, base))
+            lb = self._loss_of(ratio)
+            if lb >= self.best_loss:
+                return lb
+        if energy_binds:
+            ratio = np.minimum(ratio, self._knapsack(num, den, cands, [(np.arange(r), energies, room)], base))
+        return self._loss_of(ratio)
+
+    def _knapsack(
+        self,
+        num: np.ndarray,
+        den: np.ndarray,
+        cands: list[int],
+        groups: list[tuple[np.ndarray, np.ndarray, float]],
+        lam: np.ndarray,
+    ) -> np.ndarray:
+        """Upper bound on the ratio under knapsack limits, via their LP (fractional) relaxation.
+
+        ``groups`` are independent limits (columns into ``cands``, costs, capacity): the energy
+        room over all candidates, or one latency room per device. For any lam, every feasible T
+        has num + Σa - lam (den + Σb) <= F(lam), with F the sum over groups of the LP value of
+        max Σ b (q - lam), so ratio <= lam + max(F, 0) / den. Newton steps on the convex,
+        decreasing F move lam up towards its root from below, tightening the bound.
+        """
+        b_all = self.b[:, cands]
+        q_all = self.q[:, cands]
+        parts = [
+            (b_all[:, cols], q_all[:, cols], np.maximum(costs, 1e-12), cap) for cols, costs, cap in groups
+        ]
+        best = np.full(self.m, np.inf)
+        for _ in range(3):
+            gain = np.zeros(self.m)
+            mass = np.zeros(self.m)
+            for b, q, e, cap in parts:
+                c = b * (q - lam[:, None])
+                order = np.argsort(np.where(c > 0, -c / e, np.inf), axis=1)
+                cs = np.take_along_axis(c, order, axis=1)
+                ps = cs > 0
+                es = e[order] * ps
+                prev = np.cumsum(es, axis=1) - es
+                share = np.where(ps, np.clip((cap - prev) / np.maximum(es, 1e-12), 0.0, 1.0), 0.0)
+                gain += (cs * share).sum(axis=1)
+                mass += (np.take_along_axis(b, order, axis=1) * share).sum(axis=1)
+            f = np.maximum(num - lam * den + gain, 0.0)
+            best = np.minimum(best, lam + f / den)
+            lam = lam + f / (den + mass)
+        return best
+
+    def _cardinality(
+        self,
+        num: np.ndarray,
+        den: np.ndarray,
+        cands: list[int],
+        k: int,
+        ratios: np.ndarray,
+        base: np.ndarray,
+    ) -> np.ndarray:
+        """Upper bound on the ratio when |T| <= k (Dinkelbach gap, see :meth:`bound`)."""
+        r = len(cands)
+        ratio = np.full(self.m, np.inf)
         # At most k experts fit: lam = best q-prefix of <= k candidates (achievable), then the
         # Dinkelbach gap f(lam) = max_{|T|<=k} [num + Σa - lam (den + Σb)] gives
         # ratio <= lam + max(f, 0) / den for every such T.
-        count = np.cumsum(msort, axis=1)
-        lam = np.maximum(base, np.where(count <= k, ratios, -np.inf).max(axis=1))
+        lam = np.maximum(base, ratios[:, :k].max(axis=1))
         b = self.b[:, cands]
         q = self.q[:, cands]
         for _ in range(2):
@@ -335,7 +435,7 @@ class _Search:
             take = c > thresh[:, None]
             lam = np.maximum(lam, (num + (b * q * take).sum(axis=1)) / (den + (b * take).sum(axis=1)))
             ratio = np.minimum(ratio, ub)
-        return self._loss_of(ratio)
+        return ratio
 
     def _loss_of(self, ratio: np.ndarray) -> float:
         return float(-np.log(np.maximum(ratio, PROB_FLOOR)).sum() / self.m)
@@ -382,27 +482,42 @@ class _Search:
         chosen: tuple[int, ...],
         cands: list[int],
     ) -> None:
+        r = len(cands)
+        if r == 0:
+            return
+        self.nodes += r
+        idx = np.asarray(cands)
+        nums = num[None, :] + self.a[:, idx].T  # [r, M]: child j adds cands[j]
+        dens = den[None, :] + self.b[:, idx].T
+        losses = -np.log(np.maximum(nums / dens, PROB_FLOOR)).sum(axis=1) / self.m
+        j_best = int(np.argmin(losses))
+        if losses[j_best] < self.best_loss:
+            self.best_loss, self.best = float(losses[j_best]), (*chosen, cands[j_best])
+        children = []
         for j, n in enumerate(cands):
-            self.nodes += 1
-            num2 = num + self.a[:, n]
-            den2 = den + self.b[:, n]
             dev2 = list(dev_time)
             dev2[self.dev[n]] += float(self.lat[n])
             energy2 = energy + float(self.energy[n])
-            chosen2 = (*chosen, n)
-            loss = self._loss_of(num2 / den2)
-            if loss < self.best_loss:
-                self.best_loss, self.best = loss, chosen2
             rest = [c for c in cands[j + 1 :] if self._fits_with(c, dev2, energy2)]
             if not rest:
                 continue
             k = self._max_count(rest, dev2, energy2)
-            if k == 0:
+            if k:
+                children.append((j, n, dev2, energy2, rest, k))
+        if not children:
+            return
+        rows = [c[0] for c in children]
+        ratio, ratios = self._unconstrained(nums[rows], dens[rows], [c[4] for c in children])
+        loss_bounds = -np.log(np.maximum(ratio, PROB_FLOOR)).sum(axis=1) / self.m
+        for row, (j, n, dev2, energy2, rest, k) in enumerate(children):
+            slack = 1e-12 * max(1.0, abs(self.best_loss))
+            if loss_bounds[row] >= self.best_loss - slack:
                 continue
-            lb = self.bound(num2, den2, rest, k)
-            if lb >= self.best_loss - 1e-12 * max(1.0, abs(self.best_loss)):
+            room = self.e_cap + self.tol_e - energy2
+            lb = self._refine(nums[j], dens[j], rest, k, room, ratio[row], ratios[row])
+            if lb >= self.best_loss - slack:
                 continue
-            self._expand(num2, den2, dev2, energy2, chosen2, rest)
+            self._expand(nums[j], dens[j], dev2, energy2, (*chosen, n), rest)
 
 
 def solve(problem: SelectionProblem, budget: Budget) -> Selection:

@@ -127,7 +127,8 @@ def test_identical_experts_tie_on_value() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_bound_is_a_valid_lower_bound(seed: int) -> None:
-    """For random partial sets I and candidates R, the bound never exceeds any feasible completion's loss."""
+    """For random partial sets I and candidates R, the bound (unconstrained, cardinality and energy
+    knapsack parts) never exceeds any feasible completion's loss."""
     rng = np.random.default_rng(100 + seed)
     problem = random_problem(rng, 7)
     budget = Budget(energy_mj=float(rng.uniform(40, 200)))
@@ -141,7 +142,7 @@ def test_bound_is_a_valid_lower_bound(seed: int) -> None:
         den = search.b[:, chosen].sum(axis=1)
         base_energy = sum(problem.experts[c].energy_mj for c in chosen)
         k = search._max_count(cands, [0.0] * search.n_dev, base_energy)
-        lb = search.bound(num, den, cands, k)
+        lb = search.bound(num, den, cands, k, budget.energy_mj - base_energy)
         for r in range(0, len(cands) + 1):
             for extra in itertools.combinations(cands, r):
                 subset = [*chosen, *extra]

@@ -1,0 +1,372 @@
+"""MoE² expert selection: exactness, solve time, per-request time, quality vs budget.
+
+1. Optimality: the branch-and-bound solver vs brute force on 200 random instances, N <= 14.
+2. Solve time vs N = 8..32 on the simulated fleet at a mid budget (N=32 target <= 1 s).
+3. Fine level (per request: gate weights -> top-k within the cached pool, re-checked against
+   live profiles and the request budget): time per request (target <= 50 us).
+4. Quality vs energy budget on a simulated heterogeneous fleet: MoE² vs the best single
+   feasible expert, greedy by loss per joule, random feasible sets and all experts (which
+   ignores the budget). Loss = test-split cross-entropy of the gate-weighted fused output.
+
+The simulated fleet (``fleet``): 16 experts = 4 model sizes x 4 devices (Jetson Orin Nano,
+Jetson AGX Orin, RTX 4090, Xeon CPU); costs follow model size / device throughput and device
+power. Each sample comes from one of 6 scene conditions (night, rain, far, crowd, glare,
+clear); each expert family is fine-tuned on 1-2 conditions (complementary strengths), bigger
+models are better everywhere, and every sample has a difficulty shared by all experts
+(correlated errors, as in real ensembles). The gate sees a noisy view of the condition.
+
+    .venv/bin/python bench/selection.py --out bench/results/selection.json
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import itertools
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from moesaic.coordinator.config import parse_fleet  # noqa: E402
+from moesaic.coordinator.gate import Gate, train_gate  # noqa: E402
+from moesaic.coordinator.planner import Planner, TaskModel  # noqa: E402
+from moesaic.coordinator.registry import Expert, Registry  # noqa: E402
+from moesaic.coordinator.selection import (  # noqa: E402
+    Budget,
+    ExpertCost,
+    SelectionProblem,
+    brute_force,
+    fits,
+    solve,
+    subset_cost,
+    subset_loss,
+)
+from moesaic.coordinator.validation import ValidationTable  # noqa: E402
+
+CONDITIONS = ("night", "rain", "far", "crowd", "glare", "clear")
+CLASSES = 5
+# name, relative throughput (inferences/ms at size 1), active power W
+DEVICES = (("orin-nano", 0.25, 10.0), ("agx-orin", 0.8, 30.0), ("rtx4090", 4.0, 280.0), ("xeon", 0.3, 95.0))
+SIZES = (("n", 1.0, 0.0), ("s", 2.5, 0.5), ("m", 6.0, 1.0), ("l", 14.0, 1.4))  # name, cost units, skill
+
+
+@dataclass
+class Fleet:
+    costs: list[ExpertCost]
+    table_train: ValidationTable
+    table_val: ValidationTable
+    table_test: ValidationTable
+
+
+def _samples(rng: np.random.Generator, n_experts: int, affinity: np.ndarray, skill: np.ndarray, m: int):
+    cond = rng.integers(0, len(CONDITIONS), m)
+    difficulty = rng.normal(0, 1.0, m)  # shared across experts: correlated errors
+    margin = (
+        skill[None, :] + affinity[:, cond].T - 1.2 * difficulty[:, None] + rng.normal(0, 1.0, (m, n_experts))
+    )
+    # Label probability of a softmax over CLASSES with the label's logit `margin` above the others.
+    q = np.exp(margin) / (np.exp(margin) + CLASSES - 1)
+    onehot = np.eye(len(CONDITIONS))[cond]
+    features = np.hstack(
+        [onehot + rng.normal(0, 0.6, onehot.shape), difficulty[:, None] + rng.normal(0, 1, (m, 1))]
+    )
+    return features, q
+
+
+def fleet(
+    n_experts: int = 16, *, seed: int = 0, m_train: int = 600, m_val: int = 200, m_test: int = 2000
+) -> Fleet:
+    """A heterogeneous fleet of ``n_experts`` experts (cycling sizes x devices x specialities)."""
+    rng = np.random.default_rng(seed)
+    costs, skill, affinity = [], [], np.zeros((n_experts, len(CONDITIONS)))
+    combos = list(itertools.product(range(len(SIZES)), range(len(DEVICES))))
+    for i in range(n_experts):
+        s, d = combos[i % len(combos)]
+        size, units, base = SIZES[s]
+        dev, speed, watts = DEVICES[d]
+        latency = units / speed * rng.uniform(0.9, 1.1)
+        copy = i // len(combos)
+        costs.append(
+            ExpertCost(f"{dev}{'' if copy == 0 else copy}/{size}", f"{dev}{copy}", latency, watts * latency)
+        )
+        skill.append(base - 0.5)
+        special = rng.choice(len(CONDITIONS), size=2, replace=False)
+        affinity[i, special[0]] = 2.0
+        affinity[i, special[1]] = 1.0
+        affinity[i] -= 0.6  # off-speciality penalty
+    skill_a = np.array(skill)
+    ids = tuple(c.id for c in costs)
+    names = tuple(f"f{i}" for i in range(len(CONDITIONS) + 1))
+    tables = []
+    for m in (m_train, m_val, m_test):
+        features, q = _samples(rng, n_experts, affinity, skill_a, m)
+        tables.append(ValidationTable("sim", "sim", ids, names, features, np.arange(m), q))
+    return Fleet(costs, *tables)
+
+
+def test_loss(f: Fleet, gate: Gate, ids: tuple[str, ...]) -> float:
+    cols = f.table_test.columns(list(ids))
+    g = gate.weights_all(f.table_test.features)[:, cols]
+    mix = (g * f.table_test.q[:, cols]).sum(axis=1) / g.sum(axis=1)
+    return float(-np.log(np.maximum(mix, 1e-12)).mean())
+
+
+def greedy_per_joule(problem: SelectionProblem, budget: Budget) -> tuple[int, ...]:
+    singles = np.array([subset_loss(problem, [i]) for i in range(problem.size)])
+    gain = (singles.max() - singles + 1e-9) / np.array([max(e.energy_mj, 1e-9) for e in problem.experts])
+    chosen: list[int] = []
+    for i in np.argsort(-gain):
+        if fits(*subset_cost(problem, [*chosen, int(i)]), budget):
+            chosen.append(int(i))
+    return tuple(chosen)
+
+
+def random_feasible(problem: SelectionProblem, budget: Budget, rng: np.random.Generator) -> tuple[int, ...]:
+    chosen: list[int] = []
+    for i in rng.permutation(problem.size):
+        if fits(*subset_cost(problem, [*chosen, int(i)]), budget):
+            chosen.append(int(i))
+    return tuple(chosen)
+
+
+def best_single(problem: SelectionProblem, budget: Budget) -> tuple[int, ...]:
+    ok = [i for i in range(problem.size) if fits(*subset_cost(problem, [i]), budget)]
+    return (min(ok, key=lambda i: subset_loss(problem, [i])),) if ok else ()
+
+
+def quality_curves(
+    f: Fleet, gate: Gate, latency_ms: float, fractions: list[float]
+) -> list[dict[str, object]]:
+    problem = f.table_val.problem(gate.weights_all(f.table_val.features), f.costs)
+    total = sum(c.energy_mj for c in f.costs)
+    rng = np.random.default_rng(1)
+    rows = []
+    for frac in fractions:
+        budget = Budget(latency_ms, frac * total)
+        ids_of = lambda idx: tuple(problem.experts[i].id for i in idx)  # noqa: E731
+        moe = solve(problem, budget)
+        single = best_single(problem, budget)
+        greedy = greedy_per_joule(problem, budget)
+        randoms = [random_feasible(problem, budget, rng) for _ in range(20)]
+        row: dict[str, object] = {"energy_budget_mj": budget.energy_mj, "fraction": frac}
+        for name, idx in (
+            ("moe2", moe.indices if moe.feasible else ()),
+            ("best_single", single),
+            ("greedy", greedy),
+        ):
+            row[name] = test_loss(f, gate, ids_of(idx)) if idx else None
+            row[f"{name}_energy_mj"] = subset_cost(problem, idx)[1] if idx else None
+            row[f"{name}_violation"] = bool(idx) and not fits(*subset_cost(problem, idx), budget)
+            row[f"{name}_size"] = len(idx)
+        losses = [test_loss(f, gate, ids_of(r)) for r in randoms if r]
+        row["random"] = float(np.mean(losses)) if losses else None
+        row["all_experts"] = test_loss(f, gate, ids_of(range(problem.size)))
+        row["all_experts_violation"] = not fits(*subset_cost(problem, range(problem.size)), budget)
+        row["moe2_nodes"] = moe.nodes_explored
+        row["moe2_solve_ms"] = moe.solve_ms
+        rows.append(row)
+    return rows
+
+
+def optimality(instances: int, seed: int = 7) -> dict[str, object]:
+    rng = np.random.default_rng(seed)
+    matched, worst_gap, nodes, subsets = 0, 0.0, 0, 0
+    for k in range(instances):
+        n = int(rng.integers(4, 15))
+        f = fleet(n, seed=1000 + k, m_train=1, m_val=int(rng.integers(20, 80)), m_test=1)
+        gate = rng.dirichlet(np.ones(n) * rng.choice([0.3, 1.0, 3.0]), len(f.table_val.frame))
+        problem = SelectionProblem(tuple(f.costs), f.table_val.q, gate)
+        total = sum(c.energy_mj for c in f.costs)
+        budget = Budget(float(rng.choice([0, rng.uniform(3, 40)])), float(rng.uniform(0.05, 0.8) * total))
+        exact, ref = solve(problem, budget), brute_force(problem, budget)
+        gap = abs(exact.loss - ref.loss)
+        worst_gap = max(worst_gap, gap)
+        matched += int(gap <= 1e-9 and exact.feasible == ref.feasible)
+        nodes += exact.nodes_explored
+        subsets += 2**n - 1
+    return {
+        "instances": instances,
+        "matched": matched,
+        "worst_gap": worst_gap,
+        "node_fraction": nodes / subsets,
+    }
+
+
+def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float) -> list[dict[str, float]]:
+    rows = []
+    for n in ns:
+        times, nodes = [], []
+        for r in range(repeats):
+            f = fleet(n, seed=50 + r, m_train=400, m_val=200, m_test=1)
+            gate = train_gate(f.table_train, steps=200)
+            problem = f.table_val.problem(gate.weights_all(f.table_val.features), f.costs)
+            budget = Budget(latency_ms, fraction * sum(c.energy_mj for c in f.costs))
+            s = solve(problem, budget)
+            times.append(s.solve_ms)
+            nodes.append(s.nodes_explored)
+        rows.append(
+            {
+                "n": n,
+                "median_ms": float(np.median(times)),
+                "max_ms": float(np.max(times)),
+                "nodes": float(np.median(nodes)),
+                "subsets": float(2**n - 1),
+            }
+        )
+    return rows
+
+
+def fine_level_time(requests: int) -> dict[str, float]:
+    f = fleet(16, seed=3, m_train=400, m_val=200, m_test=requests)
+    gate = train_gate(f.table_train, steps=200)
+    config = parse_fleet(
+        {"nodes": [{"address": f"127.0.0.1:{9000 + i}", "name": f"n{i}"} for i in range(16)]}
+    )
+    registry = Registry(config)
+    for node, cost in zip(registry.nodes, f.costs, strict=True):
+        node.experts["m"] = Expert(
+            cost.id, node.name, "m", "sim", cost.device, cost.latency_ms, cost.energy_mj
+        )
+        node.up = True
+    tm = TaskModel("sim", "sim", gate, f.table_val, 4, gate.weights_all(f.table_val.features))
+    planner = Planner(registry.settings, registry, {"sim": tm})
+    budget = Budget(50.0, 0.3 * sum(c.energy_mj for c in f.costs))
+    planner.plan("sim", f.table_test.features[0], budget)  # coarse solve, cached
+    feats = f.table_test.features
+    batch = 100
+    means = []
+    for start in range(0, requests - batch + 1, batch):
+        t0 = time.perf_counter()
+        for i in range(start, start + batch):
+            planner.plan("sim", feats[i], budget)
+        means.append((time.perf_counter() - t0) / batch * 1e6)
+    return {
+        "requests": requests,
+        "us_per_request": float(np.median(means)),
+        "us_per_request_best_batch": float(np.min(means)),
+        "coarse_solves": planner.solves,
+    }
+
+
+def plot(rows: list[dict[str, object]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    x = [float(r["energy_budget_mj"]) for r in rows]  # type: ignore[arg-type]
+    for key, label, style in (
+        ("moe2", "MoE² (exact)", "o-"),
+        ("best_single", "best single feasible", "s--"),
+        ("greedy", "greedy loss/joule", "^-."),
+        ("random", "random feasible", "x:"),
+    ):
+        ax.plot(x, [r[key] if r[key] is not None else np.nan for r in rows], style, label=label)  # type: ignore[misc]
+    ax.axhline(float(rows[0]["all_experts"]), color="grey", lw=1, label="all experts (ignores budget)")  # type: ignore[arg-type]
+    ax.set_xscale("log")
+    ax.set_xlabel("energy budget per request (mJ), latency budget fixed")
+    ax.set_ylabel("test cross-entropy of the fused output")
+    ax.set_title("Quality vs energy budget, simulated 16-expert fleet")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def fmt(v: object, digits: int = 3) -> str:
+    return "-" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/selection.json")
+    parser.add_argument("--quick", action="store_true", help="fewer instances (smoke test)")
+    args = parser.parse_args()
+    quick = args.quick
+    results: dict[str, object] = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
+    }
+
+    opt = optimality(20 if quick else 200)
+    results["optimality"] = opt
+    print(
+        f"\n1. optimality vs brute force (N <= 14): {opt['matched']}/{opt['instances']} match, "
+        f"worst gap {opt['worst_gap']:.2e}, B&B visits {100 * opt['node_fraction']:.2f}% of the subsets"
+    )
+
+    latency = 60.0
+    ns = [8, 12, 16] if quick else [8, 12, 16, 20, 24, 28, 32]
+    times = solve_times(ns, 1 if quick else 3, fraction=0.25, latency_ms=latency)
+    results["solve_time"] = times
+    print("\n2. exact solve time at a mid budget (25% of the fleet's energy, latency 60 ms)")
+    print(f"{'N':>4} {'median ms':>10} {'max ms':>9} {'nodes':>9} {'subsets':>14} {'visited':>9}")
+    for r in times:
+        print(
+            f"{r['n']:>4} {r['median_ms']:>10.1f} {r['max_ms']:>9.1f} {r['nodes']:>9.0f} "
+            f"{r['subsets']:>14.0f} {100 * r['nodes'] / r['subsets']:>8.4f}%"
+        )
+
+    fine = fine_level_time(200 if quick else 5000)
+    results["fine_level"] = fine
+    print(
+        f"\n3. fine level per request: median {fine['us_per_request']:.1f} us, best batch of 100 "
+        f"{fine['us_per_request_best_batch']:.1f} us (target <= 50 us), "
+        f"{fine['coarse_solves']} coarse solve(s) for {fine['requests']} requests"
+    )
+
+    f = fleet(16, seed=11)
+    gate = train_gate(f.table_train, steps=400)
+    fractions = [0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8] if not quick else [0.02, 0.1, 0.3]
+    rows = quality_curves(f, gate, latency, fractions)
+    results["quality"] = rows
+    print("\n4. quality vs energy budget (test cross-entropy; lower is better; latency budget 60 ms)")
+    print(
+        f"{'E budget mJ':>11} {'MoE²':>7} {'|S|':>4} {'single':>7} {'greedy':>7} {'random':>7} {'all*':>7} "
+        f"{'MoE²/single':>11} {'viol':>5}"
+    )
+    for r in rows:
+        ratio = (r["moe2"] / r["best_single"]) if r["moe2"] and r["best_single"] else None  # type: ignore[operator]
+        print(
+            f"{r['energy_budget_mj']:>11.1f} {fmt(r['moe2']):>7} {r['moe2_size']:>4} "
+            f"{fmt(r['best_single']):>7} {fmt(r['greedy']):>7} {fmt(r['random']):>7} "
+            f"{fmt(r['all_experts']):>7} {fmt(ratio, 2):>11} "
+            f"{int(bool(r['moe2_violation'])):>5}"
+        )
+    print("  * all experts ignore the budget (violates it whenever the budget is below the fleet's total).")
+    mids = [r for r in rows if 0.04 <= float(r["fraction"]) <= 0.3 and r["moe2"] and r["best_single"]]  # type: ignore[arg-type]
+    gains = [1 - r["moe2"] / r["best_single"] for r in mids]  # type: ignore[operator]
+    results["mid_budget_gain_vs_best_single"] = (
+        {"min": min(gains), "mean": float(np.mean(gains))} if gains else None
+    )
+    violations = sum(int(bool(r["moe2_violation"])) for r in rows)
+    results["moe2_energy_violations"] = violations
+    if gains:
+        print(
+            f"\nmid budgets (4-30% of fleet energy): MoE² loss {100 * min(gains):.1f}% .. "
+            f"{100 * max(gains):.1f}% lower than the best single feasible expert; "
+            f"energy violations {violations}"
+        )
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    png = args.out.with_suffix(".png")
+    plot(rows, png)
+    print(f"\nwrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
