@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ def test_loader_errors(tmp_path: Path) -> None:
 
 
 def test_ultralytics_engine_serves_a_checkpoint(tmp_path: Path) -> None:
-    pytest.importorskip("ultralytics")
+    if importlib.util.find_spec("ultralytics") is None:
+        pytest.skip("ultralytics not installed")
     from moesaic.models.detector.offline import import_ultralytics
     from moesaic.runtime.engine import EngineError, create_engine
 
