@@ -122,8 +122,8 @@ def onnx_metadata(path: Path) -> dict[str, Any]:
 
 
 def _names_list(names: Any) -> list[str]:
-    if isinstance(names, dict):
-        return [str(names[k]) for k in sorted(names)]
+    if isinstance(names, dict):  # JSON metadata turns the integer ids into strings
+        return [str(names[k]) for k in sorted(names, key=lambda k: int(k) if str(k).isdigit() else 0)]
     return [str(n) for n in names or ()]
 
 

@@ -94,3 +94,26 @@ def test_ultralytics_engine_serves_a_checkpoint(tmp_path: Path) -> None:
             engine.infer({"image": np.zeros((48, 80), np.uint8)})
     with pytest.raises(EngineError, match="no such checkpoint"):
         create_engine({"type": "ultralytics", "file": "missing.pt"}, tmp_path).load()
+
+
+def test_ultralytics_engine_file_header_is_split_into_a_plan(tmp_path: Path) -> None:
+    import json
+
+    from moesaic.models.detector.detector import _strip_engine_header
+
+    meta = json.dumps({"names": {0: "vehicle", 1: "pedestrian"}, "imgsz": [640, 640]}).encode()
+    engine = tmp_path / "yolo.engine"
+    engine.write_bytes(len(meta).to_bytes(4, "little") + meta + b"PLANBYTES")
+    plan, parsed = _strip_engine_header(engine)
+    assert plan == tmp_path / "yolo.plan" and plan.read_bytes() == b"PLANBYTES"
+    assert parsed["names"] == {"0": "vehicle", "1": "pedestrian"}
+    raw = tmp_path / "raw.engine"
+    raw.write_bytes(b"\x00\x01\x02\x03not a header")
+    assert _strip_engine_header(raw) == (raw, {})
+
+
+def test_class_names_from_json_metadata_keep_id_order() -> None:
+    from moesaic.models.detector.detector import _names_list
+
+    assert _names_list({str(i): f"c{i}" for i in range(12)})[10] == "c10"
+    assert _names_list(["a", "b"]) == ["a", "b"]
