@@ -92,6 +92,7 @@ def test_onnx_export_needs_no_pip(tmp_path: Path, socket_log: list[str]) -> None
     assert _external(socket_log) == []
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_detector_tests_pass_without_network(tmp_path: Path) -> None:
     if os.environ.get("MOESAIC_IN_NETNS"):
