@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moesaic.coordinator.bounds import PROB_FLOOR, RatioBounds, max_count
+
 __all__ = [
     "GATE_FLOOR",
     "PROB_FLOOR",
@@ -53,9 +55,6 @@ __all__ = [
     "subset_loss",
 ]
 
-PROB_FLOOR = 1e-12
-"""Mixture probabilities are floored here before the log, so a subset that misses a label costs
--log(1e-12) ≈ 27.6 rather than infinity."""
 GATE_FLOOR = 1e-12
 """Gate weights are floored here so every non-empty subset has a defined renormalised mixture."""
 _REL_TOL = 1e-9
@@ -240,24 +239,27 @@ def brute_force(problem: SelectionProblem, budget: Budget) -> Selection:
 
 
 class _Search:
-    """State of one branch-and-bound run."""
+    """State of one branch-and-bound run: binary branching (include / exclude one expert).
+
+    A node is (chosen set S, candidates C): C holds the experts that still fit beside S. The
+    branching expert is the candidate the node's bound leans on most (the largest summed share
+    in the per-sample best extensions, :meth:`RatioBounds.unconstrained`): excluding it raises
+    the bound of many samples at once, including it moves the search towards the optimum. The
+    include child is explored first (depth first); the exclude child continues in a loop.
+    """
 
     def __init__(self, problem: SelectionProblem, budget: Budget) -> None:
         self.p = problem
         self.budget = budget
-        self.q = problem.q
-        self.a = problem.gate * problem.q  # [M, N]
-        self.b = problem.gate
         self.m = problem.q.shape[0]
-        # Per-sample expert order by q descending, and the sorted a / b columns.
-        self.qT = np.ascontiguousarray(problem.q.T)  # [N, M]: gathers of candidate rows
-        self.aT = np.ascontiguousarray(self.a.T)
-        self.bT = np.ascontiguousarray(self.b.T)
         devices = sorted({e.device for e in problem.experts})
         self.dev = [devices.index(e.device) for e in problem.experts]
         self.n_dev = len(devices)
         self.lat = np.array([e.latency_ms for e in problem.experts])
         self.energy = np.array([e.energy_mj for e in problem.experts])
+        self.bounds = RatioBounds(problem.q, problem.gate, self.energy)
+        self.a = self.bounds.a  # [M, N] g q
+        self.b = self.bounds.b  # [M, N] g
         self.lat_cap = budget.latency_ms - problem.overhead_ms if budget.latency_ms > 0 else math.inf
         self.e_cap = budget.energy_mj if budget.energy_mj > 0 else math.inf
         self.tol_l = abs(budget.latency_ms) * _REL_TOL
@@ -274,250 +276,110 @@ class _Search:
 
     def _max_count(self, cands: list[int], dev_time: list[float], energy: float) -> int:
         """Most experts from ``cands`` any feasible completion can add (energy and per-device time)."""
-        k = len(cands)
-        if math.isfinite(self.e_cap):
-            room = self.e_cap + self.tol_e - energy
-            count = 0
-            for e in sorted(self.energy[c] for c in cands):
-                if e > room:
-                    break
-                room -= e
-                count += 1
-            k = min(k, count)
-        if math.isfinite(self.lat_cap):
-            per_dev: dict[int, list[float]] = {}
-            for c in cands:
-                per_dev.setdefault(self.dev[c], []).append(float(self.lat[c]))
-            count = 0
-            for d, times in per_dev.items():
-                room = self.lat_cap + self.tol_l - dev_time[d]
-                for t in sorted(times):
-                    if t > room:
-                        break
-                    room -= t
-                    count += 1
-            k = min(k, count)
-        return k
+        return max_count(
+            cands,
+            self.energy,
+            self.lat,
+            self.dev,
+            dev_time,
+            self.e_cap + self.tol_e - energy,
+            self.lat_cap + self.tol_l,
+        )
 
-    # -- bound -------------------------------------------------------------------------
     def bound(
-        self,
-        num: np.ndarray,
-        den: np.ndarray,
-        cands: list[int],
-        k: int,
-        room: float = math.inf,
+        self, num: np.ndarray, den: np.ndarray, cands: list[int], k: int, room: float = math.inf
     ) -> float:
         """Lower bound on L(I ∪ T) over T ⊆ cands with |T| <= k and energy(T) <= room.
 
         ``num``/``den`` are the per-sample sums of a = g q and b = g over the chosen set I.
         """
         if not cands or k == 0:
-            return self._loss_of(num / den)
-        ratio, ratios = self._unconstrained(num[None], den[None], [cands])
-        return self._refine(num, den, cands, k, room, ratio[0], ratios[0])
-
-    def _unconstrained(
-        self, nums: np.ndarray, dens: np.ndarray, rests: list[list[int]]
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Per child j and sample i, the largest ratio over T ⊆ rests[j]: a prefix of the
-        candidates sorted by q (a threshold set). Batched over children.
-
-        Returns the maxima [J, M] and the prefix ratios [J, M, R] (column t: the best t + 1).
-        """
-        width = max(len(r) for r in rests)
-        cols = np.zeros((len(rests), width), np.int64)
-        valid = np.zeros((len(rests), width), bool)
-        for j, rest in enumerate(rests):
-            cols[j, : len(rest)] = rest
-            valid[j, : len(rest)] = True
-        v = valid[:, None, :]
-        q = np.where(v, self.qT[cols].transpose(0, 2, 1), -1.0)  # [J, M, R]; padding sorts last
-        order = np.argsort(-q, axis=2, kind="stable")
-        a = np.take_along_axis(self.aT[cols].transpose(0, 2, 1) * v, order, axis=2)
-        b = np.take_along_axis(self.bT[cols].transpose(0, 2, 1) * v, order, axis=2)
-        ratios = (nums[:, :, None] + np.cumsum(a, axis=2)) / (dens[:, :, None] + np.cumsum(b, axis=2))
-        return np.maximum(nums / dens, ratios.max(axis=2)), ratios
-
-    def _refine(
-        self,
-        num: np.ndarray,
-        den: np.ndarray,
-        cands: list[int],
-        k: int,
-        room: float,
-        ratio: np.ndarray,
-        ratios: np.ndarray,
-    ) -> float:
-        """Tighten the unconstrained ``ratio`` with the cardinality and energy limits."""
-        lb = self._loss_of(ratio)
-        r = len(cands)
-        energies = self.energy[cands]
-        energy_binds = float(energies.sum()) > room
-        if lb >= self.best_loss or (k >= r and not energy_binds):
-            return lb
-        base = num / den
-        if k < r:
-            ratio = np.minimum(ratio, self._cardinality(num, den, cands, k, ratios, base))
-            lb = self._loss_of(ratio)
-            if lb >= self.best_loss:
-                return lb
-        if energy_binds:
-            ratio = np.minimum(ratio, self._knapsack(num, den, cands, [(np.arange(r), energies, room)], base))
-        return self._loss_of(ratio)
-
-    def _knapsack(
-        self,
-        num: np.ndarray,
-        den: np.ndarray,
-        cands: list[int],
-        groups: list[tuple[np.ndarray, np.ndarray, float]],
-        lam: np.ndarray,
-    ) -> np.ndarray:
-        """Upper bound on the ratio under knapsack limits, via their LP (fractional) relaxation.
-
-        ``groups`` are independent limits (columns into ``cands``, costs, capacity): the energy
-        room over all candidates, or one latency room per device. For any lam, every feasible T
-        has num + Σa - lam (den + Σb) <= F(lam), with F the sum over groups of the LP value of
-        max Σ b (q - lam), so ratio <= lam + max(F, 0) / den. Newton steps on the convex,
-        decreasing F move lam up towards its root from below, tightening the bound.
-        """
-        b_all = self.b[:, cands]
-        q_all = self.q[:, cands]
-        parts = [
-            (b_all[:, cols], q_all[:, cols], np.maximum(costs, 1e-12), cap) for cols, costs, cap in groups
-        ]
-        best = np.full(self.m, np.inf)
-        for _ in range(3):
-            gain = np.zeros(self.m)
-            mass = np.zeros(self.m)
-            for b, q, e, cap in parts:
-                c = b * (q - lam[:, None])
-                order = np.argsort(np.where(c > 0, -c / e, np.inf), axis=1)
-                cs = np.take_along_axis(c, order, axis=1)
-                ps = cs > 0
-                es = e[order] * ps
-                prev = np.cumsum(es, axis=1) - es
-                share = np.where(ps, np.clip((cap - prev) / np.maximum(es, 1e-12), 0.0, 1.0), 0.0)
-                gain += (cs * share).sum(axis=1)
-                mass += (np.take_along_axis(b, order, axis=1) * share).sum(axis=1)
-            f = np.maximum(num - lam * den + gain, 0.0)
-            best = np.minimum(best, lam + f / den)
-            lam = lam + f / (den + mass)
-        return best
-
-    def _cardinality(
-        self,
-        num: np.ndarray,
-        den: np.ndarray,
-        cands: list[int],
-        k: int,
-        ratios: np.ndarray,
-        base: np.ndarray,
-    ) -> np.ndarray:
-        """Upper bound on the ratio when |T| <= k (Dinkelbach gap, see :meth:`bound`)."""
-        r = len(cands)
-        ratio = np.full(self.m, np.inf)
-        # At most k experts fit: lam = best q-prefix of <= k candidates (achievable), then the
-        # Dinkelbach gap f(lam) = max_{|T|<=k} [num + Σa - lam (den + Σb)] gives
-        # ratio <= lam + max(f, 0) / den for every such T.
-        lam = np.maximum(base, ratios[:, :k].max(axis=1))
-        b = self.b[:, cands]
-        q = self.q[:, cands]
-        for _ in range(2):
-            c = b * (q - lam[:, None])
-            top = np.partition(c, r - k, axis=1)[:, r - k :]
-            gain = np.maximum(top, 0.0).sum(axis=1)
-            f = num - lam * den + gain
-            ub = lam + np.maximum(f, 0.0) / den
-            # One Dinkelbach step: lam <- ratio of the top-k set (an achievable value).
-            thresh = np.maximum(top.min(axis=1), 0.0)
-            take = c > thresh[:, None]
-            lam = np.maximum(lam, (num + (b * q * take).sum(axis=1)) / (den + (b * take).sum(axis=1)))
-            ratio = np.minimum(ratio, ub)
-        return ratio
-
-    def _loss_of(self, ratio: np.ndarray) -> float:
-        return float(-np.log(np.maximum(ratio, PROB_FLOOR)).sum() / self.m)
+            return self.bounds.loss_of(num / den)
+        mask = np.zeros(self.p.size, bool)
+        mask[cands] = True
+        ratio, _ = self.bounds.unconstrained(num, den, mask)
+        return self.bounds.refine(num, den, cands, k, room, ratio)
 
     # -- search ------------------------------------------------------------------------
     def run(self) -> None:
         root = [n for n in range(self.p.size) if self._fits_with(n, [0.0] * self.n_dev, 0.0)]
-        # Explore strong single experts first so the incumbent tightens early.
-        singles = {n: float(-np.log(np.maximum(self.q[:, n], PROB_FLOOR)).mean()) for n in root}
-        root.sort(key=lambda n: singles[n])
         self._greedy_incumbent(root)
+        mask = np.zeros(self.p.size, bool)
+        mask[root] = True
         zeros = np.zeros(self.m)
-        self._expand(zeros, zeros, [0.0] * self.n_dev, 0.0, (), root)
+        self._branch(zeros, zeros, [0.0] * self.n_dev, 0.0, (), mask)
 
     def _greedy_incumbent(self, root: list[int]) -> None:
         """Forward selection: a good feasible start tightens pruning (any feasible subset is valid)."""
         chosen: list[int] = []
+        num = np.zeros(self.m)
+        den = np.zeros(self.m)
         dev_time = [0.0] * self.n_dev
         energy = 0.0
         current = math.inf
         while True:
-            best_n, best_l = -1, current
-            for n in root:
-                if n in chosen or not self._fits_with(n, dev_time, energy):
-                    continue
-                loss = subset_loss(self.p, [*chosen, n])
-                if loss < best_l:
-                    best_n, best_l = n, loss
-            if best_n < 0:
+            fit = [n for n in root if n not in chosen and self._fits_with(n, dev_time, energy)]
+            if not fit:
                 break
-            chosen.append(best_n)
-            dev_time[self.dev[best_n]] += float(self.lat[best_n])
-            energy += float(self.energy[best_n])
-            current = best_l
+            ratios = (num[:, None] + self.a[:, fit]) / (den[:, None] + self.b[:, fit])
+            losses = -np.log(np.maximum(ratios, PROB_FLOOR)).sum(axis=0) / self.m
+            j = int(np.argmin(losses))
+            if losses[j] >= current:
+                break
+            n = fit[j]
+            chosen.append(n)
+            num, den = num + self.a[:, n], den + self.b[:, n]
+            dev_time[self.dev[n]] += float(self.lat[n])
+            energy += float(self.energy[n])
+            current = float(losses[j])
         if chosen:
             self.best_loss, self.best = current, tuple(chosen)
 
-    def _expand(
+    def _branch(
         self,
         num: np.ndarray,
         den: np.ndarray,
         dev_time: list[float],
         energy: float,
         chosen: tuple[int, ...],
-        cands: list[int],
+        mask: np.ndarray,
     ) -> None:
-        r = len(cands)
-        if r == 0:
-            return
-        self.nodes += r
-        idx = np.asarray(cands)
-        nums = num[None, :] + self.a[:, idx].T  # [r, M]: child j adds cands[j]
-        dens = den[None, :] + self.b[:, idx].T
-        losses = -np.log(np.maximum(nums / dens, PROB_FLOOR)).sum(axis=1) / self.m
-        j_best = int(np.argmin(losses))
-        if losses[j_best] < self.best_loss:
-            self.best_loss, self.best = float(losses[j_best]), (*chosen, cands[j_best])
-        children = []
-        for j, n in enumerate(cands):
-            dev2 = list(dev_time)
-            dev2[self.dev[n]] += float(self.lat[n])
-            energy2 = energy + float(self.energy[n])
-            rest = [c for c in cands[j + 1 :] if self._fits_with(c, dev2, energy2)]
-            if not rest:
-                continue
-            k = self._max_count(rest, dev2, energy2)
-            if k:
-                children.append((j, n, dev2, energy2, rest, k))
-        if not children:
-            return
-        rows = [c[0] for c in children]
-        ratio, ratios = self._unconstrained(nums[rows], dens[rows], [c[4] for c in children])
-        loss_bounds = -np.log(np.maximum(ratio, PROB_FLOOR)).sum(axis=1) / self.m
-        for row, (j, n, dev2, energy2, rest, k) in enumerate(children):
+        mask = mask.copy()
+        while True:
+            cands = np.flatnonzero(mask).tolist()
+            if not cands:
+                return
+            self.nodes += 1
             slack = 1e-12 * max(1.0, abs(self.best_loss))
-            if loss_bounds[row] >= self.best_loss - slack:
-                continue
-            room = self.e_cap + self.tol_e - energy2
-            lb = self._refine(nums[j], dens[j], rest, k, room, ratio[row], ratios[row])
-            if lb >= self.best_loss - slack:
-                continue
-            self._expand(nums[j], dens[j], dev2, energy2, (*chosen, n), rest)
+            stop = self.best_loss - slack
+            ratio, score = self.bounds.unconstrained(num, den, mask)
+            if self.bounds.loss_of(ratio) >= stop:
+                return
+            k = self._max_count(cands, dev_time, energy)
+            if k == 0:
+                return
+            room = self.e_cap + self.tol_e - energy
+            if self.bounds.refine(num, den, cands, k, room, ratio, stop) >= stop:
+                return
+            score[~mask] = -1.0
+            v = int(np.argmax(score))
+            mask[v] = False
+            # Include v: its loss is a candidate incumbent, then its own subtree.
+            num2, den2 = num + self.a[:, v], den + self.b[:, v]
+            loss = self.bounds.loss_of(num2 / den2)
+            chosen2 = (*chosen, v)
+            if loss < self.best_loss:
+                self.best_loss, self.best = loss, chosen2
+            dev2 = list(dev_time)
+            dev2[self.dev[v]] += float(self.lat[v])
+            energy2 = energy + float(self.energy[v])
+            child = mask.copy()
+            for c in np.flatnonzero(child).tolist():
+                if not self._fits_with(c, dev2, energy2):
+                    child[c] = False
+            if k > 1:
+                self._branch(num2, den2, dev2, energy2, chosen2, child)
+            # Exclude v: same chosen set, one candidate fewer (next loop iteration).
 
 
 def solve(problem: SelectionProblem, budget: Budget) -> Selection:
