@@ -10,15 +10,16 @@ the gate-weighted mixture on a validation table,
     energy(S)  = sum_{n in S} E_n                                   <= energy budget
     latency(S) = max_device sum_{n in S on device} T_n + overhead   <= latency budget
 
-with 0 meaning unbounded and S non-empty. The search enumerates subsets in lexicographic
-order and prunes with **valid** bounds only:
+with 0 meaning unbounded and S non-empty. The search branches on one expert at a time
+(include / exclude; the expert the bound leans on most, see :class:`_Search`), starts from a
+greedy incumbent and prunes with **valid** bounds only:
 
 - infeasibility is monotone (costs only grow when experts are added), so a candidate that
   does not fit beside the chosen set is removed from every superset;
 - the loss of any completion S = I ∪ T is bounded below, per sample, by -log of the largest
-  mixture probability reachable from I over T (the unconstrained maximum of the ratio is a
-  prefix of the candidates sorted by q; a Dinkelbach step bounds it under the cardinality the
-  budget allows). With I empty this is -log of the best single candidate probability.
+  mixture probability reachable from I over T, a prefix of the candidates sorted by q
+  (proved in :mod:`moesaic.coordinator.bounds`). With I empty this is -log of the best single
+  candidate probability.
 
 :func:`solve` therefore returns the same optimum value as :func:`brute_force`.
 
@@ -286,19 +287,15 @@ class _Search:
             self.lat_cap + self.tol_l,
         )
 
-    def bound(
-        self, num: np.ndarray, den: np.ndarray, cands: list[int], k: int, room: float = math.inf
-    ) -> float:
-        """Lower bound on L(I ∪ T) over T ⊆ cands with |T| <= k and energy(T) <= room.
+    def bound(self, num: np.ndarray, den: np.ndarray, cands: list[int]) -> float:
+        """Lower bound on L(I ∪ T) over every T ⊆ cands (T may be empty when I is not).
 
         ``num``/``den`` are the per-sample sums of a = g q and b = g over the chosen set I.
         """
-        if not cands or k == 0:
-            return self.bounds.loss_of(num / den)
         mask = np.zeros(self.p.size, bool)
         mask[cands] = True
         ratio, _ = self.bounds.unconstrained(num, den, mask)
-        return self.bounds.refine(num, den, cands, k, room, ratio)
+        return self.bounds.loss_of(ratio)
 
     # -- search ------------------------------------------------------------------------
     def run(self) -> None:
@@ -357,9 +354,6 @@ class _Search:
                 return
             k = self._max_count(cands, dev_time, energy)
             if k == 0:
-                return
-            room = self.e_cap + self.tol_e - energy
-            if self.bounds.refine(num, den, cands, k, room, ratio, stop) >= stop:
                 return
             score[~mask] = -1.0
             v = int(np.argmax(score))

@@ -127,28 +127,37 @@ def test_identical_experts_tie_on_value() -> None:
 
 @pytest.mark.parametrize("seed", range(6))
 def test_bound_is_a_valid_lower_bound(seed: int) -> None:
-    """For random partial sets I and candidates R, the bound (unconstrained, cardinality and energy
-    knapsack parts) never exceeds any feasible completion's loss."""
+    """For random partial sets I and candidates R, the per-sample fractional-ratio bound never
+    exceeds the loss of any superset I ∪ T, T ⊆ R (T empty included)."""
     rng = np.random.default_rng(100 + seed)
-    problem = random_problem(rng, 7)
-    budget = Budget(energy_mj=float(rng.uniform(40, 200)))
-    search = _Search(problem, budget)
-    search.best_loss = math.inf
+    problem = random_problem(rng, 8)
+    search = _Search(problem, Budget())
     for _ in range(20):
         perm = rng.permutation(problem.size)
-        i_size = int(rng.integers(1, problem.size))
+        i_size = int(rng.integers(0, problem.size))
         chosen, cands = list(perm[:i_size]), [int(c) for c in perm[i_size:]]
         num = search.a[:, chosen].sum(axis=1)
         den = search.b[:, chosen].sum(axis=1)
-        base_energy = sum(problem.experts[c].energy_mj for c in chosen)
-        k = search._max_count(cands, [0.0] * search.n_dev, base_energy)
-        lb = search.bound(num, den, cands, k, budget.energy_mj - base_energy)
-        for r in range(0, len(cands) + 1):
+        lb = search.bound(num, den, cands)
+        for r in range(0 if chosen else 1, len(cands) + 1):
             for extra in itertools.combinations(cands, r):
-                subset = [*chosen, *extra]
-                if subset_cost(problem, subset)[1] > budget.energy_mj:
-                    continue
-                assert lb <= subset_loss(problem, subset) + 1e-12
+                assert lb <= subset_loss(problem, [*chosen, *extra]) + 1e-12
+
+
+def test_bound_equals_the_best_superset_for_a_single_sample() -> None:
+    """With one validation sample the per-sample maximum is attained: the bound is exact."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        problem = random_problem(rng, 7, m=1)
+        search = _Search(problem, Budget())
+        chosen, cands = [0], list(range(1, 7))
+        lb = search.bound(search.a[:, chosen].sum(axis=1), search.b[:, chosen].sum(axis=1), cands)
+        best = min(
+            subset_loss(problem, [0, *extra])
+            for r in range(len(cands) + 1)
+            for extra in itertools.combinations(cands, r)
+        )
+        assert lb == pytest.approx(best, abs=1e-12)
 
 
 def test_problem_validation_names_the_field() -> None:
