@@ -6,10 +6,13 @@
         perception = await coordinator.perceive(PerceiveInput(task="detection", inputs=...,
                                                               budget=Budget(latency_ms=80)))
 
-Experts run in parallel over gRPC, each with a deadline derived from its predicted latency
-(``deadline_slack`` x prediction + ``deadline_margin_ms``) and capped by the request's latency
-budget. An expert that errors or misses its deadline is dropped and the coordinator
-reselects from the experts not yet tried, within what is left of the budget. When nothing
+Experts run in parallel over gRPC. Each has a deadline: with a bounded latency budget the
+budget's end less what the quickest replacement would need, never earlier than
+``deadline_slack`` x its predicted latency + ``deadline_margin_ms``; with no latency budget
+``expert_timeout_ms``. An expert that errors or misses its deadline is dropped and the
+coordinator reselects from the experts not yet tried, within what is left of the budget. A
+missed deadline only teaches the expert's live latency (the node stays up); only transport
+failures (UNAVAILABLE: refused, unreachable) take a node out of the pool. When nothing
 has succeeded and nothing is running, the cheapest untried expert runs regardless of the
 budget (``budget_met=False``); when every expert failed the request fails with
 :class:`~moesaic.rpc.UnavailableError`. Every call has a timeout, so nothing hangs.
@@ -126,17 +129,38 @@ class Coordinator:
         return features_of(tm.input_kind, inputs.tensors)
 
     def _deadline(
-        self, expert: Expert, now: float, start: float, budget: Budget, capped: bool, outer: float | None
+        self,
+        expert: Expert,
+        now: float,
+        start: float,
+        budget: Budget,
+        capped: bool,
+        outer: float | None,
+        reserve_ms: float = 0.0,
     ) -> float:
-        own = (
-            now + (self.settings.deadline_slack * expert.latency_ms + self.settings.deadline_margin_ms) / 1e3
-        )
+        """When to stop waiting for ``expert`` (absolute ``time.monotonic()``).
+
+        Unbounded latency budget, or an expert run regardless of the budget: ``expert_timeout_ms``.
+        Bounded: the budget's end less ``reserve_ms`` (what a replacement needs to still make
+        the budget), but never earlier than ``deadline_slack`` x the prediction +
+        ``deadline_margin_ms``, so a generous budget or a stale prediction never drops an expert
+        early. Always capped by ``expert_timeout_ms`` and the caller's own deadline.
+        """
+        settings = self.settings
+        own = now + settings.expert_timeout_ms / 1e3
         if capped and budget.latency_ms > 0:
-            own = min(own, start + max(budget.latency_ms - self.settings.overhead_ms, 1.0) / 1e3)
-        own = min(own, now + self.settings.expert_timeout_ms / 1e3)
+            floor = now + (settings.deadline_slack * expert.latency_ms + settings.deadline_margin_ms) / 1e3
+            budget_end = start + (budget.latency_ms - settings.overhead_ms - reserve_ms) / 1e3
+            own = min(own, max(floor, budget_end))
         if outer is not None:
             own = min(own, outer - 0.005)
         return max(own, now + 0.001)
+
+    def _reserve_ms(self, task: str, exclude: set[str]) -> float:
+        """Deadline of the quickest expert that could replace a dropped one (0 when none can)."""
+        rest = self.planner.candidates(task, exclude=exclude)
+        s = self.settings
+        return min((s.deadline_slack * e.latency_ms + s.deadline_margin_ms for e in rest), default=0.0)
 
     async def call(self, expert: Expert, inputs: RequestInputs, timeout: float) -> ExpertCall:
         """One ModelInfer with ``timeout`` seconds; never raises, never outlives the timeout much."""
@@ -178,10 +202,13 @@ class Coordinator:
             run.energy_measured = res.energy_measured
             self.registry.observe(expert, compute, res.energy_mj, res.energy_source)
         elif outcome.status == "deadline":
+            # Slow, not gone: the live profile learns the latency; the node stays up.
             run.energy_mj += expert.energy_mj  # it ran: count the predicted cost, marked estimated
             self.registry.observe_timeout(expert, outcome.latency_ms)
+        elif outcome.unreachable:
+            self.registry.record_failure(expert, outcome.error, unreachable=True)
         else:
-            self.registry.record_failure(expert, outcome.error, unreachable=outcome.unreachable)
+            self.registry.record_expert_error(expert, outcome.error)
         if self.metrics is not None:
             self.metrics.expert_latency.labels(expert=expert.id).observe(outcome.latency_ms / 1e3)
             source = "measured" if run.energy_measured else "estimated"
@@ -234,9 +261,12 @@ class Coordinator:
         running: dict[asyncio.Task[ExpertCall], tuple[Expert, float]] = {}
 
         def launch(experts: tuple[Expert, ...], capped: bool) -> None:
+            reserve = 0.0
+            if capped and budget.latency_ms > 0:
+                reserve = self._reserve_ms(task, {*runs, *(e.id for e in experts)})
             for e in experts:
                 now = time.monotonic()
-                deadline = self._deadline(e, now, start, budget, capped, request.deadline)
+                deadline = self._deadline(e, now, start, budget, capped, request.deadline, reserve)
                 runs[e.id] = Run(e)
                 running[asyncio.create_task(self.call(e, inputs, deadline - now))] = (e, now)
                 if self.metrics is not None:

@@ -2,9 +2,11 @@
 
 Experts come from each node's ``Describe`` (task, device, measured latency/energy profile)
 merged with the fleet config's per-model overrides. Every reply updates the expert's profile
-(EWMA of measured latency and energy), so the cost model tracks reality. A node whose calls
-fail ``failures_to_down`` times in a row, or that is unreachable, is marked down: its experts
-leave the pool until a periodic ``Describe`` probe succeeds again.
+(EWMA of measured latency and energy), so the cost model tracks reality; a missed deadline
+raises the expert's live latency and nothing else. A node that is unreachable (UNAVAILABLE:
+connection refused, no route), or whose calls fail in transport ``failures_to_down`` times
+in a row, is marked down: its experts leave the pool until a periodic ``Describe`` probe
+succeeds again. Deadline misses and error replies never mark a node down.
 
 >>> async with Registry(load_fleet(Path("fleet.yaml"))) as registry:    # doctest: +SKIP
 ...     [e.id for e in registry.experts("detection")]
@@ -148,15 +150,23 @@ class Registry:
         node.failures = 0
 
     def observe_timeout(self, expert: Expert, waited_ms: float) -> None:
-        """A missed deadline: the call took at least ``waited_ms``; counts as a failure."""
-        if waited_ms > expert.latency_ms:
+        """A missed deadline: the call took at least ``waited_ms``. The expert is slow, not gone:
+        its live latency moves towards ``waited_ms`` (so tight budgets stop choosing it) and its
+        node stays up."""
+        if math.isfinite(waited_ms) and waited_ms > expert.latency_ms:
             expert.latency_ms += self.settings.ewma_alpha * (waited_ms - expert.latency_ms) * 2
             expert.latency_ms = min(expert.latency_ms, waited_ms)
             self._check_drift(expert)
-        self.record_failure(expert, f"deadline after {waited_ms:.0f} ms")
+        self.node_of(expert).last_error = f"{expert.model}: deadline after {waited_ms:.0f} ms"
+
+    def record_expert_error(self, expert: Expert, error: str) -> None:
+        """The node answered with an error for this expert (bad input, engine failure): the node
+        is alive, so this does not count towards ``failures_to_down``."""
+        self.node_of(expert).last_error = f"{expert.model}: {error}"
 
     def record_failure(self, expert: Expert, error: str, *, unreachable: bool = False) -> None:
-        """One failed call; the node goes down when unreachable or after repeated failures."""
+        """One transport failure (UNAVAILABLE); the node goes down when unreachable or after
+        ``failures_to_down`` of them in a row."""
         node = self.node_of(expert)
         node.failures += 1
         node.last_error = error

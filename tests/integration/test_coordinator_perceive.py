@@ -195,7 +195,8 @@ async def test_energy_budget_limits_the_set_and_unmeetable_budget_says_so(two_no
 
 
 async def test_deadline_miss_drops_the_expert_and_reselects(two_nodes: tuple[str, str]) -> None:
-    # cls-slow claims 5 ms but sleeps 1.5 s: its deadline (3 x 5 + 50 ms) passes and cls-a replaces it.
+    # cls-slow claims 5 ms but sleeps 1.5 s. Budget 600 ms: it is waited for until a replacement
+    # (cls-a: 3 x 5 + 50 ms) can still make the budget, then dropped, and cls-a replaces it.
     config = fleet(
         priors(
             *two_nodes,
@@ -206,12 +207,37 @@ async def test_deadline_miss_drops_the_expert_and_reselects(two_nodes: tuple[str
         max_experts=1,
     )
     async with coordinator(config) as (stub, _):
-        reply = await stub.Perceive(x_request(np.ones(FEATURES), latency_ms=1000), timeout=10)
+        reply = await stub.Perceive(x_request(np.ones(FEATURES), latency_ms=600), timeout=10)
         status = {e.expert_id: e.status for e in reply.experts}
         assert status == {"n1/cls-slow": "deadline", "n0/cls-a": "ok"}
-        assert reply.measured_latency_ms < 1000
+        assert reply.measured_latency_ms < 600 and reply.budget_met
         ok = [e for e in reply.experts if e.status == "ok"]
         assert ok[0].weight == pytest.approx(1.0)
+        # The miss taught cls-slow's live latency (> 100 ms now): a 100 ms budget skips it.
+        tight = await stub.Perceive(x_request(np.ones(FEATURES), latency_ms=100), timeout=10)
+        assert [(e.expert_id, e.status) for e in tight.experts] == [("n0/cls-a", "ok")]
+        # Its node stayed up, and with no budget (expert_timeout_ms) the slow expert finishes.
+        free = await stub.Perceive(x_request(np.ones(FEATURES)), timeout=10)
+        assert [(e.expert_id, e.status) for e in free.experts] == [("n1/cls-slow", "ok")]
+        assert free.measured_latency_ms >= 1400 and free.budget_met
+
+
+async def test_every_expert_slower_than_the_budget_still_answers(two_nodes: tuple[str, str]) -> None:
+    # Only cls-slow (1.5 s) serves the task; a 100 ms budget cannot be met, so the cheapest
+    # expert runs anyway (budget_met=False), twice: a slow expert never takes its node down.
+    config = fleet(
+        priors(
+            *two_nodes,
+            cls_slow={"latency_ms": 1500, "energy_mj": 1},
+            cls_a={"enabled": False},
+            cls_b={"enabled": False},
+        ),
+    )
+    async with coordinator(config) as (stub, _):
+        for _ in range(2):
+            reply = await stub.Perceive(x_request(np.ones(FEATURES), latency_ms=100), timeout=10)
+            assert [(e.expert_id, e.status) for e in reply.experts] == [("n1/cls-slow", "ok")]
+            assert not reply.budget_met and reply.WhichOneof("output") == "grid"
 
 
 async def test_bad_requests_get_clear_errors(two_nodes: tuple[str, str]) -> None:
