@@ -1,7 +1,8 @@
 """MoE² expert selection: exactness, solve time, per-request time, quality vs budget.
 
 1. Optimality: the branch-and-bound solver vs brute force on 200 random instances, N <= 14.
-2. Solve time vs N = 8..32 on the simulated fleet at a mid budget (N=32 target <= 1 s).
+2. Solve time vs N = 8..32 on the simulated fleet at tight / mid / loose budgets (N=32 target
+   <= 1 s), beside the previous solver's times (lexicographic B&B, commit aebc4f1).
 3. Fine level (per request: gate weights -> top-k within the cached pool, re-checked against
    live profiles and the request budget): time per request (target <= 50 us).
 4. Quality vs energy budget on a simulated heterogeneous fleet: MoE² vs the best single
@@ -204,6 +205,19 @@ def optimality(instances: int, seed: int = 7) -> dict[str, object]:
     }
 
 
+BUDGETS = (("tight", 0.05, 20.0), ("mid", 0.25, 60.0), ("loose", 0.5, 0.0))
+"""name, energy budget as a share of the fleet's total, latency budget ms (0 = unbounded)."""
+BASELINE_MS = {
+    # Previous solver (lexicographic branch-and-bound, commit aebc4f1), same fleets and budgets,
+    # same machine class: (median ms, max ms). Mid from bench/results/selection.md of that
+    # commit; loose measured with that commit before this change.
+    "mid": {8: (10.2, 13.7), 12: (49.3, 62.2), 16: (87.6, 120.3), 20: (129.8, 186.3),
+            24: (677.0, 1403.7), 28: (1330.9, 1946.1), 32: (1067.1, 5235.6)},
+    "loose": {16: (360.0, 380.0), 20: (330.0, 560.0), 24: (1860.0, 1960.0), 28: (2930.0, 4620.0),
+              32: (2980.0, 167770.0)},
+}  # fmt: skip
+
+
 def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float) -> list[dict[str, float]]:
     rows = []
     for n in ns:
@@ -309,15 +323,24 @@ def main() -> int:
 
     latency = 60.0
     ns = [8, 12, 16] if quick else [8, 12, 16, 20, 24, 28, 32]
-    times = solve_times(ns, 1 if quick else 3, fraction=0.25, latency_ms=latency)
-    results["solve_time"] = times
-    print("\n2. exact solve time at a mid budget (25% of the fleet's energy, latency 60 ms)")
-    print(f"{'N':>4} {'median ms':>10} {'max ms':>9} {'nodes':>9} {'subsets':>14} {'visited':>9}")
-    for r in times:
+    results["solve_time"] = {}
+    for name, fraction, lat in BUDGETS:
+        times = solve_times(ns, 1 if quick else 3, fraction=fraction, latency_ms=lat)
+        results["solve_time"][name] = times
+        lat_s = f"latency {lat:.0f} ms" if lat > 0 else "no latency limit"
+        print(f"\n2. exact solve time, {name} budget ({100 * fraction:.0f}% of the fleet's energy, {lat_s})")
         print(
-            f"{r['n']:>4} {r['median_ms']:>10.1f} {r['max_ms']:>9.1f} {r['nodes']:>9.0f} "
-            f"{r['subsets']:>14.0f} {100 * r['nodes'] / r['subsets']:>8.4f}%"
+            f"{'N':>4} {'median ms':>10} {'max ms':>9} {'nodes':>7} {'subsets':>14} "
+            f"{'old median':>11} {'old max':>9} {'speed-up (median)':>18}"
         )
+        for r in times:
+            old = BASELINE_MS.get(name, {}).get(int(r["n"]))
+            ratio = f"{old[0] / r['median_ms']:.1f}x" if old else "-"
+            olds = (f"{old[0]:>11.1f} {old[1]:>9.1f}") if old else f"{'-':>11} {'-':>9}"
+            print(
+                f"{r['n']:>4} {r['median_ms']:>10.1f} {r['max_ms']:>9.1f} {r['nodes']:>7.0f} "
+                f"{r['subsets']:>14.0f} {olds} {ratio:>18}"
+            )
 
     fine = fine_level_time(200 if quick else 5000)
     results["fine_level"] = fine
