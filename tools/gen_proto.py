@@ -43,7 +43,9 @@ def generate(out: Path) -> list[Path]:
     for path in sorted(out.glob("*_pb2*.py*")):
         text = path.read_text()
         for name in names:
-            text = re.sub(rf"^import {name}_pb2 as", f"from moesaic.proto import {name}_pb2 as", text, flags=re.M)
+            text = re.sub(
+                rf"^import {name}_pb2 as", f"from moesaic.proto import {name}_pb2 as", text, flags=re.M
+            )
         path.write_text(text)
         written.append(path)
     init = out / "__init__.py"

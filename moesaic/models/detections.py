@@ -29,8 +29,10 @@ class Detections:
     """Free-text labels per box (open-vocabulary detectors); empty when class ids suffice."""
 
     def __post_init__(self) -> None:
-        boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4) if np.size(self.boxes) else np.zeros(
-            (0, 4), np.float32
+        boxes = (
+            np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
+            if np.size(self.boxes)
+            else np.zeros((0, 4), np.float32)
         )
         scores = np.asarray(self.scores, dtype=np.float32).reshape(-1)
         class_ids = np.asarray(self.class_ids, dtype=np.int64).reshape(-1)
@@ -54,7 +56,9 @@ class Detections:
 
     @classmethod
     def empty(cls, class_names: Sequence[str] = ()) -> Detections:
-        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), tuple(class_names))
+        return cls(
+            np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64), tuple(class_names)
+        )
 
     def name_of(self, i: int) -> str:
         """Label of detection ``i``: its free-text label, else its class name, else its id."""
