@@ -2,8 +2,8 @@
 
 Used by the ONNX and TensorRT paths, where ultralytics is not installed (Jetson, node hosts):
 
-- :func:`letterbox`: resize keeping the aspect ratio (bilinear with OpenCV's pixel-centre
-  convention) and pad to the model's square input with grey 114, centred, with
+- :func:`letterbox`: resize keeping the aspect ratio (bilinear, bit-exact with OpenCV's
+  ``INTER_LINEAR``) and pad to the model's square input with grey 114, centred, with
   ultralytics' rounding of the padding;
 - :func:`to_tensor`: HWC uint8 RGB -> NCHW float32 in [0, 1];
 - :func:`decode`: ``[1, 4 + nc, A]`` raw head output (xywh + class scores) -> confidence
@@ -39,30 +39,42 @@ class LetterboxInfo:
     pad_y: int
 
 
-def _axis(src: int, dst: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    scale = src / dst
-    f = (np.arange(dst, dtype=np.float64) + 0.5) * scale - 0.5
+_COEF_SCALE = 2048  # OpenCV's INTER_RESIZE_COEF_SCALE: 11-bit fixed-point weights
+
+
+def _axis(src: int, dst: int, *, vertical: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and fixed-point weights of one axis, as OpenCV computes them.
+
+    Horizontally OpenCV zeroes the weight of taps outside the image; vertically it keeps
+    the weights and clamps the row indices (the two taps then read the same row).
+    """
+    f = ((np.arange(dst, dtype=np.float64) + 0.5) * (src / dst) - 0.5).astype(np.float32)
     i0 = np.floor(f).astype(np.int64)
-    frac = f - i0
-    frac[i0 < 0] = 0.0
-    i0 = np.clip(i0, 0, src - 1)
-    high = i0 >= src - 1
-    frac[high] = 0.0
-    i1 = np.minimum(i0 + 1, src - 1)
-    return i0, i1, frac.astype(np.float32)
+    frac = (f - i0.astype(np.float32)).astype(np.float32)
+    if not vertical:
+        frac[i0 < 0] = 0.0
+        frac[i0 >= src - 1] = 0.0
+    w0 = np.rint((np.float32(1.0) - frac) * np.float32(_COEF_SCALE)).astype(np.int64)
+    return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, _COEF_SCALE - w0
 
 
 def resize_bilinear(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Bilinear resize of an HWC uint8 image (OpenCV ``INTER_LINEAR`` sampling grid)."""
+    """Bilinear resize of an HWC uint8 image, bit-exact with ``cv2.resize(..., INTER_LINEAR)``.
+
+    OpenCV samples at pixel centres with 11-bit integer weights: a horizontal pass into
+    int32, then a vertical pass computed as ``((h0 >> 4) * b0 >> 16) + ((h1 >> 4) * b1 >> 16)``
+    rounded by ``(+ 2) >> 2`` (its SIMD kernel); this reproduces that arithmetic.
+    """
     h, w = image.shape[:2]
     if (h, w) == (height, width):
         return image.copy()
-    y0, y1, fy = _axis(h, height)
-    x0, x1, fx = _axis(w, width)
-    img = image.astype(np.float32)
-    top = img[y0] * (1.0 - fy)[:, None, None] + img[y1] * fy[:, None, None]
-    out = top[:, x0] * (1.0 - fx)[None, :, None] + top[:, x1] * fx[None, :, None]
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    x0, x1, a0, a1 = _axis(w, width, vertical=False)
+    y0, y1, b0, b1 = _axis(h, height, vertical=True)
+    src = image.astype(np.int64)
+    rows = src[:, x0] * a0[None, :, None] + src[:, x1] * a1[None, :, None]  # [h, width, C]
+    top = ((rows[y0] >> 4) * b0[:, None, None]) >> 16
+    bottom = ((rows[y1] >> 4) * b1[:, None, None]) >> 16
+    return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8)
 
 
 def letterbox(image: np.ndarray, imgsz: int | tuple[int, int]) -> tuple[np.ndarray, LetterboxInfo]:
