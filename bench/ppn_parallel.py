@@ -103,21 +103,26 @@ class Graphed:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
         if x.device.type == "cuda" and graph:
-            side = torch.cuda.Stream(x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                for _ in range(3):
-                    self._forward()
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            torch.cuda.synchronize(x.device)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out = self._forward()
+            # Warm-up and capture with this GPU current: torch.cuda.graph captures on the
+            # current device's stream, and a network on another GPU would break the capture.
+            with torch.cuda.device(x.device):
+                side = torch.cuda.Stream(x.device)
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                with torch.cuda.stream(side):
+                    for _ in range(3):
+                        self._forward()
+                torch.cuda.current_stream(x.device).wait_stream(side)
+                torch.cuda.synchronize(x.device)
+                self.graph = torch.cuda.CUDAGraph()
+                # The default capture stream is created once, on the first GPU that captured:
+                # a graph for another GPU needs a stream of its own.
+                with torch.cuda.graph(self.graph, stream=torch.cuda.Stream(x.device)):
+                    self.out = self._forward()
         else:
             for _ in range(2):
                 self._forward()
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _forward(self) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
             return self.net(self.x)
@@ -180,7 +185,9 @@ def main() -> int:
         args.size, args.iters = min(args.size, 128), min(args.iters, 3)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     torch.manual_seed(0)
-    torch.backends.cudnn.benchmark = True
+    # cuDNN's autotuner may allocate or synchronise inside a CUDA-graph capture (capture then
+    # fails with cudaErrorStreamCaptureUnsupported): keep its heuristic algorithm choice.
+    torch.backends.cudnn.benchmark = False
     n_gpu = torch.cuda.device_count() if args.device == "cuda" else 0
     if args.device == "cuda" and n_gpu == 0:
         print("no CUDA device; use --device cpu --quick", file=sys.stderr)

@@ -372,7 +372,9 @@ class TorchEngine(Engine):
                 self._forward(dev_in)
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
+        # torch.cuda.graph's default capture stream is made once, on the first GPU to capture;
+        # an engine on another GPU needs a capture stream of its own device.
+        with torch.inference_mode(), torch.cuda.graph(graph, stream=torch.cuda.Stream(self._device)):
             dev_out = self._forward(dev_in)
         host_in = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in dev_in.items()}
         return _Graph(graph, dev_in, dev_out, host_in)
