@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if not experts:
         console.print(
             f"[red]moesaic demo: no experts in {models}[/red]: expected model folders whose model.yaml has "
-            "task: bev_segmentation, bev_reconstruction or detection (see docs/sections/demo.md)"
+            "task: bev_segmentation, bev_reconstruction or detection (see docs/demo.md)"
         )
         return 2
     lidar = _files(args.lidar or ASSETS / "sample_lidar" / "velodyne", ("*.bin",))

@@ -26,11 +26,12 @@ from moesaic.models.ppn.encoding import PpnEncoding
 from moesaic.nodes.client import NodeClient
 from moesaic.nodes.server import NodeServer
 from tests.helpers.nodes import running_node
+from tests.helpers.real_data import REAL_DATA
 
 ROOT = Path(__file__).resolve().parents[2]
 EXPERTS = ("ppn-seg-small", "ppn-rec-small")
 SAMPLE = ROOT / "moesaic" / "assets" / "sample_lidar"
-KITTI = Path("/work/shared/data/real/kitti_000008.bin")
+KITTI = REAL_DATA / "kitti_000008.bin"
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import json
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiomqtt
 import numpy as np
@@ -20,10 +19,11 @@ from moesaic.ingest.bridge import Bridge
 from moesaic.ingest.broker import MosquittoProcess
 from moesaic.ingest.config import IngestConfig, load_config
 from moesaic.proto import moesaic_pb2
+from tests.helpers.real_data import REAL_DATA
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(60)]
 
-KITTI_SCAN = Path("/work/shared/data/real/kitti_000008.bin")
+KITTI_SCAN = REAL_DATA / "kitti_000008.bin"
 
 
 def scan_bytes(n: int = 1000, seed: int = 0) -> bytes:

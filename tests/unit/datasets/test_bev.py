@@ -19,8 +19,9 @@ from moesaic.datasets.bev import (
     torch_multi_channel,
     torch_ppn_occupancy,
 )
+from tests.helpers.real_data import REAL_DATA
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DATA
 SAMPLE = Path(__file__).resolve().parents[3] / "moesaic" / "assets" / "sample_lidar" / "velodyne"
 SCANS = [
     REAL / "kitti_000008.bin",

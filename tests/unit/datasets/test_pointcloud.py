@@ -9,8 +9,9 @@ import pytest
 
 from moesaic.datasets import read_points
 from moesaic.datasets.pointcloud import PointCloudSequence, write_kitti_bin
+from tests.helpers.real_data import REAL_DATA
 
-REAL = Path("/work/shared/data/real")
+REAL = REAL_DATA
 needs_real = pytest.mark.skipif(not REAL.is_dir(), reason="real sensor data not present")
 
 

@@ -25,6 +25,7 @@ from moesaic.datasets.intersection import render_scene
 from moesaic.models.detections import Detections
 from moesaic.models.detector.detector import load_detector
 from moesaic.models.detector.offline import import_ultralytics
+from tests.helpers.real_data import REAL_DATA
 
 # Not importorskip: importing ultralytics before import_ultralytics() configured it would
 # let it probe DNS (its is_online check), which the offline test below would catch.
@@ -33,7 +34,7 @@ if importlib.util.find_spec("ultralytics") is None:
 
 REPO = Path(__file__).resolve().parents[4]
 MODEL = REPO / "models" / "yolo-n" / "model.onnx"
-REAL = REPO.parent / "shared" / "data" / "real"
+REAL = REAL_DATA
 CONF, MARGIN = 0.05, 0.03
 
 
