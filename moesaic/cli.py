@@ -30,19 +30,17 @@ _COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moesaic", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="moesaic",
+        description="moesaic: collaborative perception for edge fleets (nodes, coordinator, MQTT bridge).",
+    )
     parser.add_argument("--version", action="version", version=f"moesaic {__version__}")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     train = sub.add_parser("train", help="train a model family on local data")
     train_sub = train.add_subparsers(dest="train_command", metavar="MODEL")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not name.startswith(exc.name):
-                raise
-            continue
+        module = importlib.import_module(name)
         if hasattr(module, "register"):
             module.register(sub)
         if hasattr(module, "register_train"):

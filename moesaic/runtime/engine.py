@@ -187,11 +187,7 @@ def register_engine(config_cls: type[EngineConfig], factory: EngineFactory) -> N
 
 def _load_backends() -> None:
     for module in _BACKEND_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module.startswith(exc.name):
-                raise
+        importlib.import_module(module)
 
 
 def engine_types() -> list[str]:

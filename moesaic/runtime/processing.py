@@ -69,7 +69,6 @@ _REGISTRY: dict[str, ProcessorFactory] = {}
 _PROCESSOR_MODULES = (
     "moesaic.models.ppn.serving",
     "moesaic.models.detector.serving",
-    "moesaic.models.florence2.serving",
 )
 
 
@@ -80,11 +79,7 @@ def register_processor(type_name: str, factory: ProcessorFactory) -> None:
 
 def _load_processors() -> None:
     for module in _PROCESSOR_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if not exc.name or not module.startswith(exc.name):
-                raise
+        importlib.import_module(module)
 
 
 def processor_types() -> list[str]:
