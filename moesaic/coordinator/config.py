@@ -26,6 +26,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from moesaic.config import describe_errors
 from moesaic.rpc import TlsConfig
 
 __all__ = [
@@ -141,21 +142,6 @@ class FleetConfig(_Strict):
         return self
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _errors(exc: ValidationError, limit: int = 4) -> str:
-    """Every validation error as ``field: message``, joined with ``; ``."""
-    parts = [f"{_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()[:limit]]
-    if exc.error_count() > limit:
-        parts.append(f"and {exc.error_count() - limit} more errors")
-    return "; ".join(parts)
-
-
 def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
     section = dict(data.get("coordinator") or {})
     for key, value in env.items():
@@ -181,7 +167,7 @@ def parse_fleet(
         data = _env_overrides(data, os.environ if env is None else env)
         config = FleetConfig.model_validate(data)
     except ValidationError as exc:
-        raise ValueError(f"{source}: {_errors(exc)}") from None
+        raise ValueError(f"{source}: {describe_errors(exc)}") from None
     except ValueError as exc:
         raise ValueError(f"{source}: {exc}") from None
     if base is not None:

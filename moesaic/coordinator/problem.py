@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moesaic.config import describe_errors
 from moesaic.coordinator.selection import Budget, ExpertCost, SelectionProblem
 
 __all__ = ["ProblemError", "load_problem", "parse_problem"]
@@ -60,27 +61,12 @@ class _Problem(BaseModel):
     budget: _Budget = Field(default_factory=_Budget)
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _errors(exc: ValidationError, limit: int = 4) -> str:
-    """Every validation error as ``field: message``, joined with ``; ``."""
-    parts = [f"{_loc(tuple(e['loc']))}: {e['msg']}" for e in exc.errors()[:limit]]
-    if exc.error_count() > limit:
-        parts.append(f"and {exc.error_count() - limit} more errors")
-    return "; ".join(parts)
-
-
 def parse_problem(data: Any, *, source: str = "problem") -> tuple[SelectionProblem, Budget]:
     """Validate a decoded problem document; ``ProblemError`` names ``source`` and the field."""
     try:
         doc = _Problem.model_validate(data)
     except ValidationError as exc:
-        raise ProblemError(f"{source}: {_errors(exc)}") from None
+        raise ProblemError(f"{source}: {describe_errors(exc)}") from None
     n = len(doc.experts)
     ids = [e.id for e in doc.experts]
     for i, e in enumerate(doc.experts):

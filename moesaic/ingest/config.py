@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from moesaic.config import load_model
 from moesaic.ingest.topics import SensorKind, validate_segment
 
 __all__ = [
@@ -196,21 +196,4 @@ class IngestConfig(_Strict):
 
 def load_config(path: Path | None = None, **overrides: object) -> IngestConfig:
     """Read ``path`` (YAML) and apply non-None ``overrides``; ``ValueError`` naming file and field."""
-    data: dict[str, object] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ValueError(f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return IngestConfig.model_validate(data)
-    except ValidationError as exc:
-        where = str(path) if path else "ingest config"
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{where}: {details}") from None
+    return load_model(IngestConfig, path, what="ingest config", **overrides)

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from moesaic.config import load_model
 
 __all__ = ["UNIT_NAMES", "UnitsConfig", "load_units_config", "render_units"]
 
@@ -64,23 +65,7 @@ class UnitsConfig(BaseModel):
 
 def load_units_config(path: Path | None = None, **overrides: object) -> UnitsConfig:
     """Read ``path`` (YAML) and apply non-None ``overrides``; ``ValueError`` naming file and field."""
-    data: dict[str, object] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ValueError(f"{path}: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        data.update(loaded)
-    data.update({k: v for k, v in overrides.items() if v is not None})
-    try:
-        return UnitsConfig.model_validate(data)
-    except ValidationError as exc:
-        details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise ValueError(f"{path or 'units config'}: {details}") from None
+    return load_model(UnitsConfig, path, what="units config", **overrides)
 
 
 def _hardening(config: UnitsConfig, *, devices: bool) -> str:
