@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "ONNX_TYPES",
@@ -127,3 +128,31 @@ def write_gather_model(root: Path, name: str, *, model_yaml: str | None = None) 
         initializer=[table],
     )
     return write_model(root / name, graph, model_yaml=model_yaml)
+
+
+def write_toy_detector(root: Path, name: str) -> None:
+    """image UINT8 [H, W, 3] -> boxes [[0, 0, 10, 10]], scores [mean/255], class_ids [0]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
+            helper.make_node("ReduceMean", ["f"], ["m"], keepdims=0),
+            helper.make_node("Div", ["m", "k255"], ["s"]),
+            helper.make_node("Reshape", ["s", "one_shape"], ["scores"]),
+            helper.make_node("Identity", ["box"], ["boxes"]),
+            helper.make_node("Identity", ["cls"], ["class_ids"]),
+        ],
+        name,
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["h", "w", 3])],
+        [
+            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4]),
+            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1]),
+            helper.make_tensor_value_info("class_ids", TensorProto.INT64, [1]),
+        ],
+        initializer=[
+            numpy_helper.from_array(np.array(255.0, np.float32), "k255"),
+            numpy_helper.from_array(np.array([1], np.int64), "one_shape"),
+            numpy_helper.from_array(np.array([[0, 0, 10, 10]], np.float32), "box"),
+            numpy_helper.from_array(np.array([0], np.int64), "cls"),
+        ],
+    )
+    write_model(root / name, graph, model_yaml="task: detection\nclass_names: [thing]\n")

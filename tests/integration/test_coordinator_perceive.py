@@ -24,7 +24,7 @@ from moesaic.coordinator.service import serve
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
 from tests.helpers import slow_node  # noqa: F401  (registers the test_sleep processor in-process)
 from tests.helpers.nodes import node_process, running_node
-from tests.helpers.onnx_models import write_model
+from tests.helpers.onnx_models import write_model, write_toy_detector
 
 FEATURES, CLASSES = 6, 3
 
@@ -58,34 +58,6 @@ def write_classifier(root: Path, name: str, seed: int, *, sleep_s: float = 0.0) 
     )
     processor = f"processor: {{type: test_sleep, seconds: {sleep_s}}}\n" if sleep_s else ""
     write_model(root / name, graph, model_yaml=f"task: classification\nclass_names: [a, b, c]\n{processor}")
-
-
-def write_toy_detector(root: Path, name: str) -> None:
-    """image UINT8 [H, W, 3] -> boxes [[0, 0, 10, 10]], scores [mean/255], class_ids [0]."""
-    graph = helper.make_graph(
-        [
-            helper.make_node("Cast", ["image"], ["f"], to=TensorProto.FLOAT),
-            helper.make_node("ReduceMean", ["f"], ["m"], keepdims=0),
-            helper.make_node("Div", ["m", "k255"], ["s"]),
-            helper.make_node("Reshape", ["s", "one_shape"], ["scores"]),
-            helper.make_node("Identity", ["box"], ["boxes"]),
-            helper.make_node("Identity", ["cls"], ["class_ids"]),
-        ],
-        name,
-        [helper.make_tensor_value_info("image", TensorProto.UINT8, ["h", "w", 3])],
-        [
-            helper.make_tensor_value_info("boxes", TensorProto.FLOAT, [1, 4]),
-            helper.make_tensor_value_info("scores", TensorProto.FLOAT, [1]),
-            helper.make_tensor_value_info("class_ids", TensorProto.INT64, [1]),
-        ],
-        initializer=[
-            numpy_helper.from_array(np.array(255.0, np.float32), "k255"),
-            numpy_helper.from_array(np.array([1], np.int64), "one_shape"),
-            numpy_helper.from_array(np.array([[0, 0, 10, 10]], np.float32), "box"),
-            numpy_helper.from_array(np.array([0], np.int64), "cls"),
-        ],
-    )
-    write_model(root / name, graph, model_yaml="task: detection\nclass_names: [thing]\n")
 
 
 def x_request(x: np.ndarray, *, latency_ms: float = 0, energy_mj: float = 0, rid: str = "") -> Any:
