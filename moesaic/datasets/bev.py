@@ -23,6 +23,8 @@ last T frames as channels, oldest first.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -95,6 +97,58 @@ class BevGrid:
 #: The reference PPN grid: 0.2 m, 1000 x 1000, z in [-5, 5) m with 50 layers.
 PPN_GRID = BevGrid()
 
+_BLOCK = 1 << 17
+"""Most points handled in one pass; bigger scans go in blocks of this many points."""
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch buffers for one block of points, grown on demand and reused.
+
+    Fresh ~0.5 MB temporaries per call can cost more in page faults than the arithmetic
+    itself (hundreds of faults per 120k-point scan on a VM); these buffers cost none after
+    the first call. At most 3.8 MB per thread (a block of :data:`_BLOCK` points).
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.f32 = np.empty((3, 0), _F32)
+        self.i32 = np.empty((2, 0), np.int32)
+        self.idx = np.empty((1, 0), np.intp)
+        self.mask = np.empty((2, 0), np.bool_)
+
+    def reserve(self, n: int) -> _Scratch:
+        """Make every buffer hold at least ``n`` (<= :data:`_BLOCK`) points."""
+        if n > self.size:
+            size = min(_BLOCK, 1 << max(12, (n - 1).bit_length()))
+            self.f32 = np.empty((3, size), _F32)
+            self.i32 = np.empty((2, size), np.int32)
+            self.idx = np.empty((1, size), np.intp)
+            self.mask = np.empty((2, size), np.bool_)
+            self.size = size
+        return self
+
+
+_SCRATCH = _Scratch()
+
+
+def _first_at_or_above(fn: Callable[[np.ndarray], np.ndarray], limit: float) -> int:
+    """Bit pattern of the smallest positive float32 ``z`` with ``fn(z) >= limit`` (``fn`` monotonic)."""
+    lo, hi = 0, int(np.array(np.inf, _F32).view(np.uint32))  # fn(lo) < limit <= fn(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fn(np.array([mid], np.uint32).view(_F32))[0] >= _F32(limit):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+#: ``0 < z`` and ``floor(z / 0.2 + 25) < 50`` (float32) <=> ``1 <= bits(z) < _PPN_Z_TOP_BITS``:
+#: both sides are monotonic in ``z``, and positive float32 bit patterns are ordered like the
+#: values (negative ones, -0.0 and NaN fall outside as unsigned integers).
+_PPN_Z_TOP_BITS = _first_at_or_above(lambda z: z / _F32(0.2) + _F32(25.0), 50.0)
+_BITS_999 = np.array(999.0, _F32).view(np.uint32)[()]
+
 
 def check_points(points: Any, name: str = "points") -> np.ndarray:
     """Validate an ``(N, 3+)`` array and return it as float32; ``ValueError`` naming ``name``."""
@@ -108,54 +162,68 @@ def check_points(points: Any, name: str = "points") -> np.ndarray:
     return array
 
 
-def _cell_index(
-    coord: np.ndarray, resolution: float, low: float, cells: int, scratch: np.ndarray | None = None
-) -> np.ndarray:
-    """``floor(coord / resolution + cells / 2)``-style index as uint32; out-of-range -> >= cells.
-
-    The float32 arithmetic is exactly the reference's ``x / 0.2 + 500``: division by the float32
-    resolution, then the float32 offset. Negative values and NaN wrap to huge unsigned values.
-    """
-    offset = _F32(-low / resolution)
-    v = np.divide(coord, _F32(resolution), out=scratch)
-    v += offset
-    np.floor(v, out=v)
-    with np.errstate(invalid="ignore"):
-        return v.astype(np.int32).view(np.uint32)
-
-
 def ppn_occupancy(points: Any) -> np.ndarray:
     """The PPN occupancy grid of one scan: ``(1000, 1000)`` bool indexed ``[ix, iy]``.
 
     Exactly the reference definition (see the module docstring), in the same float32
-    arithmetic; no Python loop over points. When few points have ``z > 0`` (a typical scan
-    with the sensor above the ground) they are filtered out first; otherwise every column is
-    indexed in place. Either way, the rest is integer math and one fancy assignment into a
-    flat bool grid.
+    arithmetic; no Python loop over points. The scan is processed in blocks of
+    :data:`_BLOCK` points (one block for a usual scan) through reused per-thread scratch
+    buffers, so no large temporary is allocated per call; in a block where few points have
+    ``z > 0`` (a typical scan, sensor above the ground) those are gathered first. The z test
+    is one unsigned comparison of the float bits, the x / y test one more, the flat cell index
+    ``ix * 1000 + iy`` is exact float32 math, then one fancy assignment per block.
     """
     pts = check_points(points)
-    positive = pts[:, 2] > 0
-    above: np.ndarray | None = positive
-    if int(np.count_nonzero(positive)) * 3 < len(pts):
-        pts = np.compress(positive, pts, axis=0)
-        above = None
-    z = pts[:, 2]
-    zi = np.divide(z, _F32(0.2))
-    zi += _F32(25.0)
-    # floor(z / 0.2 + 25) < 50  <=>  z / 0.2 + 25 < 50: the top of the voxel grid.
-    keep = zi < _F32(50.0)
-    if above is not None:
-        keep &= above
-    ix = _cell_index(pts[:, 0], 0.2, -100.0, 1000, zi)
-    iy = _cell_index(pts[:, 1], 0.2, -100.0, 1000)
-    keep &= ix < 1000
-    keep &= iy < 1000
-    ix *= 1000
-    ix += iy
     grid = np.zeros(1000 * 1000, np.bool_)
-    grid[ix[keep].astype(np.intp)] = True
+    scratch = _SCRATCH.reserve(len(pts))
+    bits = pts.view(np.uint32)
+    with np.errstate(invalid="ignore"):  # NaN / inf -> int for cells outside, dropped
+        for start in range(0, len(pts), _BLOCK):
+            _ppn_block(pts[start : start + _BLOCK], bits[start : start + _BLOCK], grid, scratch)
     occupancy: np.ndarray = grid.reshape(1000, 1000)
     return occupancy
+
+
+def _ppn_block(block: np.ndarray, bits: np.ndarray, grid: np.ndarray, scratch: _Scratch) -> None:
+    """Mark the cells of one block of points in the flat ``grid``."""
+    m = len(block)
+    keep = scratch.mask[0, :m]
+    u = scratch.i32[0, :m].view(np.uint32)
+    np.subtract(bits[:, 2], np.uint32(1), out=u)  # 0 < z < top, see _PPN_Z_TOP_BITS
+    np.less(u, np.uint32(_PPN_Z_TOP_BITS - 1), out=keep)
+    count = int(np.count_nonzero(keep))
+    if count == 0:
+        return
+    gathered = count * 3 < m
+    if gathered:  # few points above the ground (a typical scan): gather them, drop the mask
+        block = np.compress(keep, block, axis=0)
+        m = count
+    vx, vy = scratch.f32[0, :m], scratch.f32[1, :m]
+    # floor(x / 0.2 + 500) in float32, as the reference; same for y.
+    np.divide(block[:, 0], _F32(0.2), out=vx)
+    vx += _F32(500.0)
+    np.floor(vx, out=vx)
+    np.divide(block[:, 1], _F32(0.2), out=vy)
+    vy += _F32(500.0)
+    np.floor(vy, out=vy)
+    # 0 <= ix, iy <= 999: one unsigned comparison of the larger bit pattern (floats >= +0.0 are
+    # ordered like their bits; negative values, NaN and inf compare above 999.0; -0.0 cannot
+    # occur: a sum that cancels exactly is +0.0).
+    big = scratch.i32[0, :m].view(np.uint32)
+    inside = scratch.mask[1, :m]
+    np.maximum(vx.view(np.uint32), vy.view(np.uint32), out=big)
+    np.less_equal(big, _BITS_999, out=inside)
+    if not gathered:
+        inside &= keep
+    # ix * 1000 + iy is exact in float32 for cells inside (< 2**24); the rest is dropped.
+    vx *= _F32(1000.0)
+    vx += vy
+    flat32, flat = scratch.i32[1, :m], scratch.idx[0, :m]
+    np.copyto(flat32, vx, casting="unsafe")  # float32 -> int32 -> intp beats float32 -> intp
+    np.copyto(flat, flat32)
+    if int(np.count_nonzero(inside)) < m:
+        flat = flat[inside]  # boolean indexing: faster than np.compress / np.take with out=
+    grid[flat] = True
 
 
 def reference_voxel_occupancy(points: Any) -> np.ndarray:
@@ -176,29 +244,46 @@ def reference_voxel_occupancy(points: Any) -> np.ndarray:
     return np.asarray(voxels.any(axis=2))
 
 
-def _multi_select(pts: np.ndarray, grid: BevGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Flat cell index (intp), height above the floor and intensity of the points inside ``grid``."""
+def _multi_block(
+    block: np.ndarray, grid: BevGrid, scratch: _Scratch
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Flat cell index (intp), height above the floor and intensity of the points of ``block``
+    inside ``grid``; views of ``scratch``, valid until its next use."""
     nx, ny = grid.shape
-    cols = np.ascontiguousarray(pts.T)  # one pass; every later op runs on contiguous columns
+    m = len(block)
     res = _F32(grid.resolution)
-    vx = np.divide(cols[0], res)
+    vx, vy, height = scratch.f32[0, :m], scratch.f32[1, :m], scratch.f32[2, :m]
+    ix, iy = scratch.i32[0, :m], scratch.i32[1, :m]
+    np.divide(block[:, 0], res, out=vx)
     vx += _F32(-grid.x_range[0] / grid.resolution)
-    vy = np.divide(cols[1], res)
+    np.divide(block[:, 1], res, out=vy)
     vy += _F32(-grid.y_range[0] / grid.resolution)
-    height = np.subtract(cols[2], _F32(grid.z_range[0]))
-    keep = vx >= 0
-    keep &= vx < nx
-    keep &= vy >= 0
-    keep &= vy < ny
-    keep &= height >= 0
-    keep &= height < _F32(grid.z_range[1] - grid.z_range[0])
-    idx = np.flatnonzero(keep)
-    with np.errstate(invalid="ignore"):
-        flat = vx.astype(np.int32)  # truncation == floor for the kept (non-negative) values
-        flat *= ny
-        flat += vy.astype(np.int32)
-    intensity = cols[3].take(idx) if cols.shape[0] > 3 else None
-    return flat.take(idx).astype(np.intp), height.take(idx), intensity
+    np.subtract(block[:, 2], _F32(grid.z_range[0]), out=height)
+    # Float comparisons, as NaN-safe on every platform as the definition (float -> int of NaN
+    # differs between x86 and ARM); the kept values are >= 0, so truncation is the floor.
+    keep, inside = scratch.mask[0, :m], scratch.mask[1, :m]
+    np.greater_equal(vx, _F32(0.0), out=keep)
+    np.less(vx, _F32(nx), out=inside)
+    keep &= inside
+    np.greater_equal(vy, _F32(0.0), out=inside)
+    keep &= inside
+    np.less(vy, _F32(ny), out=inside)
+    keep &= inside
+    np.greater_equal(height, _F32(0.0), out=inside)
+    keep &= inside
+    np.less(height, _F32(grid.z_range[1] - grid.z_range[0]), out=inside)
+    keep &= inside
+    np.copyto(ix, vx, casting="unsafe")
+    np.copyto(iy, vy, casting="unsafe")
+    ix *= ny
+    ix += iy
+    index = scratch.idx[0, :m]
+    np.copyto(index, ix)
+    intensity = block[:, 3] if block.shape[1] > 3 else None
+    if int(np.count_nonzero(keep)) == m:  # the whole block is inside: nothing to gather
+        return index, height, intensity
+    # boolean indexing gathers faster than np.compress / np.take into preallocated outputs
+    return index[keep], height[keep], None if intensity is None else intensity[keep]
 
 
 def multi_channel(points: Any, grid: BevGrid = PPN_GRID, *, out: np.ndarray | None = None) -> np.ndarray:
@@ -223,25 +308,37 @@ def multi_channel(points: Any, grid: BevGrid = PPN_GRID, *, out: np.ndarray | No
             raise ValueError(f"out: expected float32 (4, {nx}, {ny}), got {out.dtype} {out.shape}")
         result = out
         result.fill(0.0)
-    flat, height, intensity = _multi_select(pts, grid)
     span = _F32(grid.z_range[1] - grid.z_range[0])
     chan = result.reshape(4, cells)
-    np.maximum.at(chan[0], flat, height)
-    # min via max of (span - height) > 0, so that the zero-filled buffer is a valid start.
-    np.maximum.at(chan[1], flat, span - height)
-    if intensity is not None:
-        np.add.at(chan[2], flat, intensity)
-    if cells <= 4 * flat.size:  # small grid: whole-grid passes are cheaper than gathers
-        count = np.bincount(flat, minlength=cells).astype(_F32)
-        np.subtract(span, chan[1], out=chan[1], where=count > 0)
-        np.divide(chan[2], np.maximum(count, _F32(1.0)), out=chan[2])
-        np.log(count + _F32(1.0), out=chan[3])
+    scratch = _SCRATCH.reserve(len(pts))
+    flats: list[np.ndarray] = []
+    with np.errstate(invalid="ignore"):  # NaN / inf -> int: outside the grid anyway
+        for start in range(0, max(len(pts), 1), _BLOCK):
+            flat, height, intensity = _multi_block(pts[start : start + _BLOCK], grid, scratch)
+            np.maximum.at(chan[0], flat, height)
+            # min via max of (span - height) > 0, so that the zero-filled buffer is a valid start.
+            np.subtract(span, height, out=height)
+            np.maximum.at(chan[1], flat, height)
+            if intensity is not None:
+                np.add.at(chan[2], flat, intensity)
+            flats.append(flat if len(pts) <= _BLOCK else flat.copy())
+    flat = flats[0] if len(flats) == 1 else np.concatenate(flats)
+    if cells <= 4 * flat.size:  # small grid: bincount, then finish the occupied cells only
+        # (empty cells stay 0, as 0 / max(count, 1) and log(count + 1) give there)
+        counts = np.bincount(flat, minlength=cells)
+        occupied = np.flatnonzero(counts)
+        count = counts[occupied].astype(_F32)
+        chan[1][occupied] = span - chan[1][occupied]
+        chan[2][occupied] = chan[2][occupied] / count
+        chan[3][occupied] = np.log(count + _F32(1.0))
     else:  # large sparse grid: touch only the occupied cells
         np.add.at(chan[3], flat, _F32(1.0))
-        count = chan[3][flat]
-        chan[1][flat] = span - chan[1][flat]
-        chan[2][flat] = chan[2][flat] / count
-        chan[3][flat] = np.log1p(count)
+        # each occupied cell once (a scan of the counts) unless the points are far fewer
+        cell = np.flatnonzero(chan[3] != 0) if cells <= 32 * flat.size else flat
+        count = chan[3][cell]
+        chan[1][cell] = span - chan[1][cell]
+        chan[2][cell] = chan[2][cell] / count
+        chan[3][cell] = np.log1p(count)
     return result
 
 
