@@ -71,6 +71,9 @@ def _varint(data: Buffer, pos: int) -> tuple[int, int]:
             raise ValueError("malformed message: varint too long")
 
 
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
+
+
 def _varint_bytes(value: int) -> bytes:
     out = bytearray()
     while value >= 0x80:
@@ -86,6 +89,9 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
     The slices are views of ``data``, in order; the header holds every other field.
     """
     view = memoryview(data)
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    buf: Buffer = data if type(data) is bytes else view  # indexing bytes is the fastest
     n = len(view)
     pos = 0
     run_start = 0
@@ -94,10 +100,18 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
     try:
         while pos < n:
             start = pos
-            tag, pos = _varint(view, pos)
+            tag = buf[pos]  # one-byte tags and lengths inline; longer varints through _varint
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = _varint(buf, pos)
             wire = tag & 7
             if wire == 2:
-                length, pos = _varint(view, pos)
+                length = buf[pos]
+                if length < 0x80:
+                    pos += 1
+                else:
+                    length, pos = _varint(buf, pos)
                 end = pos + length
                 if end > n:
                     raise ValueError("malformed message: field runs past the end")
@@ -108,7 +122,7 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
                     run_start = end
                 pos = end
             elif wire == 0:
-                _, pos = _varint(view, pos)
+                _, pos = _varint(buf, pos)
             elif wire == 1:
                 pos += 8
             elif wire == 5:
@@ -131,9 +145,85 @@ def _raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
     tag = _varint_bytes((raw_field << 3) | 2)
     parts: list[Buffer] = []
     for buf in buffers:
-        parts.append(tag + _varint_bytes(len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes))
+        n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
+        parts.append(tag + (_ONE_BYTE[n] if n < 0x80 else _varint_bytes(n)))
         parts.append(buf)
     return parts
+
+
+# Encoded fields that repeat from reply to reply (model names, output tensor headers, parameter
+# keys), each cache bounded so that unusual traffic cannot grow it without end.
+_CACHE_LIMIT = 1024
+_INT64_LIMIT = 1 << 63
+_STRING_FIELDS: dict[tuple[bytes, str], bytes] = {}
+_OUTPUT_FIELDS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+_DOUBLE_PREFIX: dict[str, bytes] = {}  # parameter entry up to its 8 value bytes, by key
+_PARAMETER_FIELDS: dict[tuple[str, type, Any], bytes] = {}  # whole bool / str entries
+_DATATYPE_OF: dict[np.dtype[Any], str] = {np.dtype(t): name for name, t in DATATYPES.items()}
+_DOUBLE = struct.Struct("<d").pack
+
+
+def _remember(cache: dict[Any, bytes], key: Any, value: bytes) -> bytes:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def _delimited(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: ``tag``, length, ``payload``."""
+    n = len(payload)
+    return tag + (_ONE_BYTE[n] if n < 0x80 else _varint_bytes(n)) + payload
+
+
+def _string_field(tag: bytes, value: str) -> bytes:
+    return _delimited(tag, value.encode())
+
+
+def _cached_string_field(tag: bytes, value: str) -> bytes:
+    field = _STRING_FIELDS.get((tag, value))
+    return field if field is not None else _remember(_STRING_FIELDS, (tag, value), _string_field(tag, value))
+
+
+def _int64_bytes(value: int) -> bytes:
+    """Varint of a protobuf int64 (negative numbers as their 64-bit two's complement)."""
+    if not -_INT64_LIMIT <= value < _INT64_LIMIT:
+        raise ValueError(f"value {value} is out of range for int64")
+    return _varint_bytes(value + (1 << 64) if value < 0 else value)
+
+
+def _output_field(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
+    """``outputs`` field of a response: one ``InferOutputTensor`` (name, datatype, shape)."""
+    tensor = _string_field(b"\x0a", name) + _string_field(b"\x12", datatype)
+    if shape:
+        packed = bytes(shape) if max(shape) < 0x80 else b"".join(map(_varint_bytes, shape))
+        tensor += _delimited(b"\x1a", packed)
+    return _delimited(b"\x2a", tensor)
+
+
+def _parameter_field(tag: bytes, key: str, value: Any) -> bytes:
+    """One ``map<string, InferParameter>`` entry, typed as :func:`set_parameters` types it."""
+    if type(value) is float:  # the common case: a cached prefix and the 8 value bytes
+        prefix = _DOUBLE_PREFIX.get(key)
+        if prefix is None:
+            entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
+            prefix = _remember(_DOUBLE_PREFIX, key, tag + _varint_bytes(len(entry) + 8) + entry)
+        return prefix + _DOUBLE(value)
+    if isinstance(value, bool):
+        param = b"\x08\x01" if value else b"\x08\x00"
+    elif isinstance(value, int):
+        param = b"\x10" + _int64_bytes(value)
+    elif isinstance(value, float):
+        param = b"\x21" + _DOUBLE(value)
+    else:
+        text = str(value)
+        field = _PARAMETER_FIELDS.get((key, str, text))
+        if field is None:
+            param = _string_field(b"\x1a", text)
+            entry = _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
+            field = _remember(_PARAMETER_FIELDS, (key, str, text), entry) if len(text) <= 64 else entry
+        return field
+    return _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
 
 
 # ---------------------------------------------------------------- tensors
@@ -323,16 +413,33 @@ def encode_response(
     request_id: str = "",
     model_version: str = "",
 ) -> bytes:
-    """Serialised ``ModelInferResponse`` with every output in ``raw_output_contents``."""
-    resp = inference_pb2.ModelInferResponse(model_name=model, model_version=model_version, id=request_id)
+    """Serialised ``ModelInferResponse`` with every output in ``raw_output_contents``.
+
+    Written field by field (fields in number order, as protobuf writes them): this is the
+    reply of every request, and building protobuf message objects cost more than the engine
+    call of a small model. Protobuf parses it to the same message as it would build.
+    """
+    parts: list[Buffer] = []
+    if model:
+        parts.append(_cached_string_field(b"\x0a", model))
+    if model_version:
+        parts.append(_cached_string_field(b"\x12", model_version))
+    if request_id:
+        parts.append(_string_field(b"\x1a", request_id))
     if parameters:
-        set_parameters(resp.parameters, parameters)
+        for key, value in parameters.items():
+            parts.append(_parameter_field(b"\x22", key, value))
     buffers = []
-    add = resp.outputs.add
     for name, array in outputs.items():
-        add(name=name, datatype=datatype_of(array.dtype), shape=array.shape)
+        datatype = _DATATYPE_OF.get(array.dtype) or datatype_of(array.dtype)
+        shape = array.shape
+        field = _OUTPUT_FIELDS.get((name, datatype, shape))
+        if field is None:
+            field = _remember(_OUTPUT_FIELDS, (name, datatype, shape), _output_field(name, datatype, shape))
+        parts.append(field)
         buffers.append(_tensor_bytes(array))
-    return b"".join([resp.SerializeToString(), *_raw_fields(RAW_OUTPUT_FIELD, buffers)])
+    parts += _raw_fields(RAW_OUTPUT_FIELD, buffers)
+    return b"".join(parts)
 
 
 def decode_response(data: Buffer) -> tuple[Any, dict[str, np.ndarray]]:

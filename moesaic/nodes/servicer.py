@@ -12,8 +12,8 @@ request's share of the batch's cost.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
+from time import perf_counter
 from typing import Any
 
 import grpc
@@ -22,17 +22,18 @@ import numpy as np
 from moesaic import __version__
 from moesaic.metrics import Metrics
 from moesaic.nodes.codec import (
-    decode_request,
+    RAW_INPUT_FIELD,
     decode_tensor,
     encode_response,
     from_parameters,
+    split_message,
     tensor_from_contents,
 )
 from moesaic.nodes.repository import ServedModel
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import UnavailableError, abort, status_of
 from moesaic.runtime.devices import DeviceInfo
-from moesaic.runtime.energy import EnergyMeter
+from moesaic.runtime.energy import EnergyMeter, EstimateMeter
 from moesaic.runtime.profiler import ProfileRecord
 
 __all__ = ["INFERENCE_SERVICE", "NODE_SERVICE", "InferenceServicer", "NodeServicer", "validate_inputs"]
@@ -44,8 +45,45 @@ NODE_SERVICE = "moesaic.v1.Node"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
 
 
-def validate_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -> dict[str, np.ndarray]:
-    """Input arrays of a request, checked against the model's inputs; ``ValueError`` naming the input."""
+Accepted = dict[tuple[str, str, tuple[int, ...]], tuple[np.dtype[Any], int]]
+"""Input signatures (name, datatype, shape) already validated for one model: dtype, byte length."""
+
+_ACCEPTED_LIMIT = 256
+
+
+def validate_inputs(
+    model: ServedModel, header: Any, raws: Sequence[memoryview], accepted: Accepted | None = None
+) -> dict[str, np.ndarray]:
+    """Input arrays of a request, checked against the model's inputs; ``ValueError`` naming the input.
+
+    ``accepted`` (one dict per model, kept by the caller) remembers raw input signatures that
+    passed, so a request shaped like an earlier one is checked with one lookup per input.
+    """
+    if accepted is not None and raws and len(raws) == len(header.inputs):
+        out: dict[str, np.ndarray] = {}
+        for tensor, raw in zip(header.inputs, raws, strict=True):
+            shape = tuple(tensor.shape)
+            known = accepted.get((tensor.name, tensor.datatype, shape))
+            if known is None or len(raw) != known[1] or tensor.name in out:
+                break  # the full check below says what is wrong (or learns this signature)
+            out[tensor.name] = np.frombuffer(raw, dtype=known[0]).reshape(shape)
+        else:
+            if len(out) == len(model.input_specs):
+                return out
+    out = _check_inputs(model, header, raws)
+    if accepted is not None and raws:
+        if len(accepted) >= _ACCEPTED_LIMIT:
+            accepted.clear()
+        for tensor, raw in zip(header.inputs, raws, strict=True):
+            if tensor.datatype != "BYTES":
+                accepted[(tensor.name, tensor.datatype, tuple(tensor.shape))] = (
+                    out[tensor.name].dtype,
+                    len(raw),
+                )
+    return out
+
+
+def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -> dict[str, np.ndarray]:
     specs = model.input_specs
     tensors = header.inputs
     if raws and len(raws) != len(tensors):
@@ -82,6 +120,41 @@ def validate_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview])
     return out
 
 
+class _Plan:
+    """What one request header resolves to, kept so that the next request with the same header
+    bytes (same model, tensor names, datatypes, shapes, parameters; no request id) skips
+    protobuf parsing and validation: each input then costs a length check and a view."""
+
+    __slots__ = ("model", "model_version", "parameters", "requested", "specs", "tensors")
+
+    def __init__(self, model: ServedModel, header: Any, inputs: Mapping[str, np.ndarray], raws: Any) -> None:
+        self.model = model
+        self.specs = model.input_specs  # a reload builds a new dict: the plan then no longer applies
+        self.tensors = tuple(
+            (t.name, inputs[t.name].dtype, tuple(t.shape), len(raw))
+            for t, raw in zip(header.inputs, raws, strict=True)
+        )
+        self.parameters = from_parameters(header.parameters) if header.parameters else None
+        self.requested = tuple(out.name for out in header.outputs)
+        self.model_version: str = header.model_version
+
+    def bind(self, raws: Sequence[memoryview]) -> dict[str, np.ndarray] | None:
+        """The request's input views, or None when the plan does not fit (then parse in full)."""
+        model = self.model
+        if model.state != "ready" or model.input_specs is not self.specs or len(raws) != len(self.tensors):
+            return None
+        inputs = {}
+        for (name, dtype, shape, nbytes), raw in zip(self.tensors, raws, strict=True):
+            if len(raw) != nbytes:
+                return None
+            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return inputs
+
+
+_PLAN_LIMIT = 256
+_PLAN_HEADER_BYTES = 4096
+
+
 class InferenceServicer:
     """KServe v2 data plane over the node's models."""
 
@@ -97,10 +170,20 @@ class InferenceServicer:
         self.meter = meter
         self.metrics = metrics
         self.is_ready = is_ready
+        # Metric children looked up once (``labels()`` is slow), one tuple per model.
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
-        self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
         source = "measured" if meter.measured else "estimated"
-        self._energy = {name: metrics.energy.labels(expert=name, source=source) for name in models}
+        self._observe = {
+            name: (
+                metrics.expert_latency.labels(expert=name),
+                metrics.energy.labels(expert=name, source=source),
+            )
+            for name in models
+        }
+        # An estimate is watts x seconds: no meter reads around the engine call.
+        self._estimate_watts = meter.watts if type(meter) is EstimateMeter else None
+        self._accepted: dict[str, tuple[Mapping[str, Any], Accepted]] = {}
+        self._plans: dict[bytes, _Plan] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
@@ -173,34 +256,79 @@ class InferenceServicer:
 
     # -------------------------------------------------------------- data plane
 
+    def _accepted_for(self, model: ServedModel) -> Accepted:
+        """The model's cache of validated input signatures (new after a reload)."""
+        entry = self._accepted.get(model.name)
+        if entry is None or entry[0] is not model.input_specs:
+            entry = self._accepted[model.name] = (model.input_specs, {})
+        return entry[1]
+
+    def _parse(
+        self, header_bytes: bytes, raws: list[memoryview]
+    ) -> tuple[ServedModel, dict[str, np.ndarray], _Plan | None, Any]:
+        """Full decode and validation of a request whose header has no plan yet."""
+        header = inference_pb2.ModelInferRequest.FromString(header_bytes)
+        model = self._ready_model(header.model_name)
+        inputs = validate_inputs(model, header, raws, self._accepted_for(model))
+        plan = None
+        if (
+            raws
+            and not header.id
+            and len(header_bytes) <= _PLAN_HEADER_BYTES
+            and all(t.datatype != "BYTES" for t in header.inputs)
+        ):
+            plans = self._plans
+            if len(plans) >= _PLAN_LIMIT:
+                plans.clear()
+            plan = plans[header_bytes] = _Plan(model, header, inputs, raws)
+        return model, inputs, plan, header
+
     def model_infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            header, raws = decode_request(data)
-            model = self._ready_model(header.model_name)
-            inputs = validate_inputs(model, header, raws)
-            parameters = from_parameters(header.parameters) if header.parameters else {}
-            meter = self.meter
+            header_bytes, raws = split_message(data, RAW_INPUT_FIELD)
+            plan = self._plans.get(header_bytes)
+            inputs = plan.bind(raws) if plan is not None else None
+            if inputs is None or plan is None:
+                model, inputs, plan, header = self._parse(header_bytes, raws)
+            else:
+                model = plan.model
+            if plan is not None:
+                parameters = dict(plan.parameters) if plan.parameters else {}
+                requested: Sequence[str] = plan.requested
+                request_id, model_version = "", plan.model_version
+            else:
+                parameters = from_parameters(header.parameters) if header.parameters else {}
+                requested = [out.name for out in header.outputs]
+                request_id, model_version = header.id, header.model_version
             if model.batcher is None:
-                start_j = meter.joules()
-                start = time.perf_counter()
-                outputs = model.infer(inputs, parameters)
-                seconds = time.perf_counter() - start
-                joules = meter.joules() - start_j
+                watts = self._estimate_watts
+                if watts is None:
+                    meter = self.meter
+                    start_j = meter.joules()
+                    start = perf_counter()
+                    outputs = model.infer(inputs, parameters)
+                    seconds = perf_counter() - start
+                    joules = meter.joules() - start_j
+                else:
+                    start = perf_counter()
+                    outputs = model.infer(inputs, parameters)
+                    seconds = perf_counter() - start
+                    joules = watts * seconds
             else:
                 share = model.infer_batched(inputs, parameters, context.time_remaining())
                 outputs, seconds, joules = share.outputs, share.seconds, share.joules
-            if header.outputs:
-                outputs = self._requested(model, outputs, header.outputs)
+            if requested:
+                outputs = self._requested(model, outputs, requested)
             reply = encode_response(
                 model.name,
                 outputs,
                 parameters={
                     "compute_ms": seconds * 1e3,
                     "energy_mj": joules * 1e3,
-                    "energy_source": meter.source,
+                    "energy_source": self.meter.source,
                 },
-                request_id=header.id,
-                model_version=header.model_version,
+                request_id=request_id,
+                model_version=model_version,
             )
         except Exception as exc:
             code, _ = status_of(exc)
@@ -209,21 +337,22 @@ class InferenceServicer:
             self.metrics.requests.labels(method="ModelInfer", code=code.name).inc()
             abort(context, exc)
         self._ok.inc()
-        self._latency[model.name].observe(seconds)
-        self._energy[model.name].inc(max(joules, 0.0))
+        latency, energy = self._observe[model.name]
+        latency.observe(seconds)
+        energy.inc(max(joules, 0.0))
         return reply
 
     @staticmethod
     def _requested(
-        model: ServedModel, outputs: dict[str, np.ndarray], requested: Any
+        model: ServedModel, outputs: dict[str, np.ndarray], requested: Sequence[str]
     ) -> dict[str, np.ndarray]:
         chosen = {}
-        for out in requested:
-            if out.name not in outputs:
+        for name in requested:
+            if name not in outputs:
                 raise ValueError(
-                    f"output {out.name!r}: model {model.name!r} has no such output; has {sorted(outputs)}"
+                    f"output {name!r}: model {model.name!r} has no such output; has {sorted(outputs)}"
                 )
-            chosen[out.name] = outputs[out.name]
+            chosen[name] = outputs[name]
         return chosen
 
 
