@@ -46,6 +46,7 @@ __all__ = [
 
 RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
 RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
+_RAW_TAGS = {RAW_INPUT_FIELD: b"\x3a", RAW_OUTPUT_FIELD: b"\x32"}  # field number << 3 | 2
 
 Buffer = bytes | bytearray | memoryview
 
@@ -142,7 +143,7 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
 
 
 def _raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
-    tag = _varint_bytes((raw_field << 3) | 2)
+    tag = _RAW_TAGS.get(raw_field) or _varint_bytes((raw_field << 3) | 2)
     parts: list[Buffer] = []
     for buf in buffers:
         n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
