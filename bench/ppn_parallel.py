@@ -3,9 +3,9 @@
 PPN-sized networks (U-Net with skips, 31 M parameters; encoder-decoder without skips, 28 M
 parameters at the default ``--rec-width 64``, whose time on an H100 is within 12 % of the
 U-Net's, so the overlap bound is ~1.9; ``--rec-width 0`` widens it until the FLOPs match),
-input 16 x 1024 x 1024, batch 1. Every network runs as a CUDA graph captured after warm-up; timing synchronises every
-device involved (``torch.cuda.synchronize``) around N replays, and CUDA events time each
-network alone. Rows:
+input 16 x 1024 x 1024, batch 1. Every network runs as a CUDA graph captured after warm-up;
+timing synchronises every device involved (``torch.cuda.synchronize``) around N replays, and
+CUDA events time each network alone. Rows:
 
 * sequential: both graphs on cuda:0, one after the other;
 * parallel, 2 GPUs: segmentation graph on cuda:0, reconstruction graph on cuda:1, both
