@@ -209,7 +209,7 @@ BUDGETS = (("tight", 0.05, 20.0), ("mid", 0.25, 60.0), ("loose", 0.5, 0.0))
 """name, energy budget as a share of the fleet's total, latency budget ms (0 = unbounded)."""
 BASELINE_MS = {
     # Previous solver (lexicographic branch-and-bound, commit aebc4f1), same fleets and budgets,
-    # same machine class: (median ms, max ms). Mid from bench/results/selection.md of that
+    # same machine class: (median ms, max ms). Mid from the BENCHMARKS.md selection section of that
     # commit; loose measured with that commit before this change.
     "mid": {8: (10.2, 13.7), 12: (49.3, 62.2), 16: (87.6, 120.3), 20: (129.8, 186.3),
             24: (677.0, 1403.7), 28: (1330.9, 1946.1), 32: (1067.1, 5235.6)},
