@@ -21,9 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moesaic.config import read_yaml_mapping
 from moesaic.rpc import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 
 __all__ = ["ENV_PREFIX", "NodeConfig", "format_validation_error", "load_node_config"]
@@ -123,15 +123,7 @@ def load_node_config(
     source = "defaults"
     if path is not None:
         source = str(path)
-        try:
-            loaded = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        raw = loaded
+        raw = read_yaml_mapping(Path(path))
         if isinstance(raw.get("models"), str) and not Path(raw["models"]).is_absolute():
             raw["models"] = str(Path(path).parent / raw["models"])
     env_values = _env_overrides(os.environ if env is None else env)

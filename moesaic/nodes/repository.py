@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from moesaic.config import read_yaml_mapping
 from moesaic.nodes.batching import BatchShare, DynamicBatcher, DynamicBatchingConfig, check_batchable
 from moesaic.nodes.config import format_validation_error
 from moesaic.runtime.devices import DeviceInfo
@@ -87,13 +87,7 @@ def load_model_spec(folder: Path) -> tuple[ModelSpec, EngineConfig]:
     path = folder / MODEL_FILE
     raw: dict[str, Any] = {}
     if path.is_file():
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ValueError(f"{path}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        raw = loaded
+        raw = read_yaml_mapping(path)
     elif not (folder / ONNX_FILE).is_file():
         raise ValueError(f"{folder}: neither {MODEL_FILE} nor {ONNX_FILE} found")
     raw.setdefault("name", folder.name)
