@@ -39,3 +39,12 @@ def test_errors_name_file_and_field(tmp_path: Path, text: str, env: dict[str, st
     path.write_text(text)
     with pytest.raises(ValueError, match=match):
         load_node_config(path, env=env)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).resolve().parents[3] / "nodes").glob("*.yaml")), ids=str
+)
+def test_example_node_configs_validate(path: Path) -> None:
+    config = load_node_config(path, env={})
+    assert config.node_id == path.stem
+    assert config.listen.endswith(":8001")
