@@ -1,0 +1,67 @@
+"""The PyTorch engine with CUDA graphs on every GPU of the host (needs CUDA; two GPUs for the second test)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from moesaic.runtime.engine import create_engine  # noqa: E402
+from tests.helpers.torch_models import write_torch_conv_model  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+needs_two = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two CUDA devices"
+)
+
+
+def _expected(folder: Path, images: np.ndarray) -> dict[str, np.ndarray]:
+    with create_engine({"type": "torch", "device": "cpu", "cuda_graphs": False}, folder) as cpu:
+        return cpu.infer({"images": images})
+
+
+@needs_cuda
+def test_cuda_graph_replay_equals_cpu(tmp_path: Path) -> None:
+    folder = write_torch_conv_model(tmp_path / "conv", "torchscript", size=16)
+    images = np.random.default_rng(0).random((2, 3, 16, 16), dtype=np.float32)
+    config = {
+        "type": "torch",
+        "device": "cuda:0",
+        "cuda_graphs": True,
+        "static_shapes": {"images": [2, 3, 16, 16]},
+    }
+    with create_engine(config, folder) as engine:
+        out = engine.infer({"images": images})
+    for name, want in _expected(folder, images).items():
+        np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-4)
+
+
+@needs_two
+def test_cuda_graphs_on_a_second_gpu_after_the_first(tmp_path: Path) -> None:
+    """torch.cuda.graph's default capture stream belongs to the first GPU that captured; an
+    engine on cuda:1 loaded after one on cuda:0 must capture on a stream of its own device."""
+    folder = write_torch_conv_model(tmp_path / "conv", "torchscript", size=16)
+    images = np.random.default_rng(1).random((2, 3, 16, 16), dtype=np.float32)
+    want = _expected(folder, images)
+    shapes = {"images": [2, 3, 16, 16]}
+    engines = [
+        create_engine(
+            {"type": "torch", "device": f"cuda:{i}", "cuda_graphs": True, "static_shapes": shapes}, folder
+        )
+        for i in (0, 1)
+    ]
+    try:
+        for engine in engines:
+            engine.load()
+        for engine in engines:
+            out = engine.infer({"images": images})
+            for name, expected in want.items():
+                np.testing.assert_allclose(out[name], expected, rtol=1e-4, atol=1e-4)
+    finally:
+        for engine in engines:
+            engine.close()
