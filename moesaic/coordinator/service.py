@@ -117,41 +117,39 @@ class CoordinatorServicer(moesaic_pb2_grpc.CoordinatorServicer):
         if self.metrics is not None:
             self.metrics.requests.labels(method=method, code=code.name).inc()
 
-    async def _handle(self, request: Any, deadline: float | None) -> Any:
-        return to_proto(await self.coordinator.perceive(to_domain(request, deadline)))
-
-    async def Perceive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+    async def _answer(self, request: Any, context: grpc.aio.ServicerContext[Any, Any], method: str) -> Any:
+        """The response to one request, with the caller's deadline; counts its status code."""
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         try:
-            response = await self._handle(request, deadline)
+            response = to_proto(await self.coordinator.perceive(to_domain(request, deadline)))
         except Exception as exc:
             code, _ = status_of(exc)
             if code == grpc.StatusCode.INTERNAL:
-                log.exception("Perceive failed")
-            self._count("Perceive", code)
-            await abort_async(context, exc)
-        self._count("Perceive", grpc.StatusCode.OK)
+                log.exception("%s failed", method)
+            self._count(method, code)
+            raise
+        self._count(method, grpc.StatusCode.OK)
         return response
+
+    async def Perceive(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            return await self._answer(request, context, "Perceive")
+        except Exception as exc:
+            await abort_async(context, exc)
 
     async def PerceiveStream(
         self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Any]:
         async for request in request_iterator:
-            remaining = context.time_remaining()
-            deadline = time.monotonic() + remaining if remaining is not None else None
             try:
-                response = await self._handle(request, deadline)
+                response = await self._answer(request, context, "PerceiveStream")
             except Exception as exc:
                 code, message = status_of(exc)
-                if code == grpc.StatusCode.INTERNAL:
-                    log.exception("PerceiveStream request failed")
-                self._count("PerceiveStream", code)
                 yield moesaic_pb2.PerceiveResponse(
                     request_id=request.request_id, task=request.task, error=f"{code.name}: {message}"
                 )
                 continue
-            self._count("PerceiveStream", grpc.StatusCode.OK)
             yield response
 
 

@@ -38,10 +38,12 @@ from moesaic.runtime.engine import (
     MissingExtraError,
     TensorSpec,
     datatype_of,
+    dtype_of,
     register_engine,
 )
 from moesaic.runtime.tensorrt_build import BuildProgress, build_plan, import_tensorrt
 from moesaic.runtime.tensors import check_inputs
+from moesaic.runtime.torch_engine import torch_dtype_of
 
 __all__ = ["TensorRTEngine", "TensorRTEngineConfig"]
 
@@ -171,7 +173,7 @@ class TensorRTEngine(Engine):
                 shapes[spec.name] = tuple(lo)
             else:
                 shapes[spec.name] = spec.shape
-        dummy = {s.name: np.zeros(shapes[s.name], dtype=np.dtype(_numpy_dtype(s))) for s in self._inputs}
+        dummy = {s.name: np.zeros(shapes[s.name], dtype=dtype_of(s.datatype)) for s in self._inputs}
         for _ in range(2):
             self._run(dummy)
 
@@ -225,7 +227,7 @@ class TensorRTEngine(Engine):
                 if any(d < 0 for d in shape):
                     raise EngineError(f"output {spec.name!r}: data-dependent shape {shape} is not supported")
                 buf = torch.empty(
-                    shape, dtype=_torch_dtype(torch, spec), device=f"cuda:{self.config.device_id}"
+                    shape, dtype=torch_dtype_of(torch, spec.datatype), device=f"cuda:{self.config.device_id}"
                 )
                 outs[spec.name] = buf
                 ctx.set_tensor_address(spec.name, buf.data_ptr())
@@ -237,22 +239,12 @@ class TensorRTEngine(Engine):
             return {name: t.numpy() for name, t in host.items()}
 
 
-def _numpy_dtype(spec: TensorSpec) -> np.dtype[Any]:
-    from moesaic.runtime.engine import dtype_of
-
-    return dtype_of(spec.datatype)
-
-
 def _torch() -> Any:
     try:
         import torch
     except ImportError:
         raise MissingExtraError("torch", "tensorrt") from None
     return torch
-
-
-def _torch_dtype(torch: Any, spec: TensorSpec) -> Any:
-    return torch.from_numpy(np.zeros(0, dtype=_numpy_dtype(spec))).dtype
 
 
 register_engine(TensorRTEngineConfig, TensorRTEngine)

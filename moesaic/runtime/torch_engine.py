@@ -73,7 +73,8 @@ def _torch() -> Any:
     return torch
 
 
-def _torch_dtype(torch: Any, datatype: str) -> Any:
+def torch_dtype_of(torch: Any, datatype: str) -> Any:
+    """The torch dtype of a KServe datatype (``EngineError`` when torch has none)."""
     table = {
         "BOOL": torch.bool,
         "UINT8": torch.uint8,
@@ -253,7 +254,7 @@ class TorchEngine(Engine):
             raise EngineError(
                 f"torch engine: model returned {len(tensors)} outputs, declared {len(self._outputs)}"
             )
-        return [t.to(_torch_dtype(torch, s.datatype)) for t, s in zip(tensors, self._outputs, strict=True)]
+        return [t.to(torch_dtype_of(torch, s.datatype)) for t, s in zip(tensors, self._outputs, strict=True)]
 
     def _replay(self, torch: Any, graph: _Graph, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         for name, host in graph.host_in.items():
@@ -341,7 +342,7 @@ class TorchEngine(Engine):
         if shapes is None:
             shapes = {s.name: concrete_shape(s) for s in self._inputs}
         dev = {
-            s.name: torch.zeros(shapes[s.name], dtype=_torch_dtype(torch, s.datatype), device=self._device)
+            s.name: torch.zeros(shapes[s.name], dtype=torch_dtype_of(torch, s.datatype), device=self._device)
             for s in self._inputs
         }
         try:
@@ -362,7 +363,7 @@ class TorchEngine(Engine):
 
     def _capture(self, torch: Any, shapes: Mapping[str, tuple[int, ...]]) -> _Graph:
         dev_in = {
-            s.name: torch.zeros(shapes[s.name], dtype=_torch_dtype(torch, s.datatype), device=self._device)
+            s.name: torch.zeros(shapes[s.name], dtype=torch_dtype_of(torch, s.datatype), device=self._device)
             for s in self._inputs
         }
         side = torch.cuda.Stream(self._device)
