@@ -57,6 +57,30 @@ class Metrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.requests_expired = Counter(
+            "moesaic_requests_expired",
+            "Requests whose deadline passed before their work started (never computed).",
+            ["model"],
+            registry=r,
+        )
+        self.device_energy = Counter(
+            "moesaic_device_energy_joules",
+            "The device's energy as its source counts it (idle included).",
+            ["device"],
+            registry=r,
+        )
+        self.device_idle_watts = Gauge(
+            "moesaic_device_idle_watts",
+            "The device's idle draw in use for attribution.",
+            ["device"],
+            registry=r,
+        )
+        self.model_energy = Counter(
+            "moesaic_model_energy_joules",
+            "Dynamic energy attributed to a model's work (device energy above idle, split by busy time).",
+            ["model", "device"],
+            registry=r,
+        )
         self.requests = Counter(
             "moesaic_requests", "Requests handled, by gRPC status code.", ["method", "code"], registry=r
         )

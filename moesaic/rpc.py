@@ -12,16 +12,14 @@ status codes (:func:`status_of`)::
     async with create_channel("127.0.0.1:8001", tls=TlsConfig(ca="ca.pem")) as channel:
         ...
 
-Domain code raises ``ValueError`` (bad input), ``LookupError`` (unknown name),
-:class:`~moesaic.runtime.engine.EngineError` (engine failed), :class:`UnavailableError`
-(e.g. a model still loading) or :class:`ResourceExhaustedError`; only gRPC adapters turn them
-into status codes, through :func:`status_of` / :func:`abort` / :func:`abort_async`.
+Domain code raises the errors of :mod:`moesaic.errors`; only gRPC adapters turn them into
+status codes, through :func:`status_of` / :func:`abort` / :func:`abort_async`.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from concurrent import futures
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,14 +29,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moesaic.runtime.engine import EngineError
+from moesaic.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    InvalidInput,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    as_moesaic_error,
+)
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_BYTES",
     "HEALTH_SERVICE",
-    "ResourceExhaustedError",
     "TlsConfig",
-    "UnavailableError",
     "abort",
     "abort_async",
     "add_health_and_reflection",
@@ -53,14 +58,6 @@ __all__ = [
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 HEALTH_SERVICE = "grpc.health.v1.Health"
-
-
-class UnavailableError(RuntimeError):
-    """The target exists but cannot serve now (e.g. a model still loading): UNAVAILABLE."""
-
-
-class ResourceExhaustedError(RuntimeError):
-    """A request is larger than a configured limit: RESOURCE_EXHAUSTED."""
 
 
 class TlsConfig(BaseModel):
@@ -199,24 +196,25 @@ def create_channel(
     return module.secure_channel(address, channel_credentials(tls), options=options)
 
 
-# Order matters: the first matching class wins.
-_STATUS: Sequence[tuple[type[BaseException], grpc.StatusCode]] = (
-    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-    (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
-    (LookupError, grpc.StatusCode.NOT_FOUND),
-    (EngineError, grpc.StatusCode.INTERNAL),
-    (TimeoutError, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
+_STATUS: Mapping[str, grpc.StatusCode] = {
+    InvalidInput.code: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound.code: grpc.StatusCode.NOT_FOUND,
+    Unavailable.code: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded.code: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ResourceExhausted.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Cancelled.code: grpc.StatusCode.CANCELLED,
+    Internal.code: grpc.StatusCode.INTERNAL,
+}
 
 
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status code and message for a domain exception (INTERNAL when unknown)."""
-    message = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
-    for cls, code in _STATUS:
-        if isinstance(exc, cls):
-            return code, message or cls.__name__
-    return grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {message}"
+    """The gRPC status code and message of ``exc``: the one place errors become statuses.
+
+    An exception outside :mod:`moesaic.errors` is a bug: INTERNAL, with an incident id in the
+    message and its traceback logged once (by :func:`~moesaic.errors.as_moesaic_error`).
+    """
+    err = as_moesaic_error(exc)
+    return _STATUS[err.code], err.message
 
 
 def abort(context: grpc.ServicerContext, exc: BaseException) -> NoReturn:

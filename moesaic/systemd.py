@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
 
 __all__ = ["Watchdog", "notify", "notify_ready", "notify_status", "notify_stopping", "watchdog_interval"]
 
@@ -57,18 +58,24 @@ def watchdog_interval() -> float | None:
 class Watchdog:
     """Feeds systemd's watchdog from the event loop it runs on, so a stuck loop stops the pings.
 
+    ``healthy`` (optional) is asked before every ping: while it says False the pings stop,
+    and systemd restarts the service once ``WatchdogSec`` passes (a node uses this for a hung
+    engine, which the event loop alone would never notice).
+
     >>> async def serve():
-    ...     async with Watchdog():
+    ...     async with Watchdog(healthy=lambda: True):
     ...         ...  # serve until stopped
     """
 
-    def __init__(self, interval: float | None = None) -> None:
+    def __init__(self, interval: float | None = None, *, healthy: Callable[[], bool] | None = None) -> None:
         self.interval = interval if interval is not None else watchdog_interval()
+        self.healthy = healthy
         self._task: asyncio.Task[None] | None = None
 
     async def _run(self, interval: float) -> None:
         while True:
-            notify("WATCHDOG=1")
+            if self.healthy is None or self.healthy():
+                notify("WATCHDOG=1")
             await asyncio.sleep(interval)
 
     async def __aenter__(self) -> Watchdog:

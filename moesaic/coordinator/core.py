@@ -15,7 +15,7 @@ missed deadline only teaches the expert's live latency (the node stays up); only
 failures (UNAVAILABLE: refused, unreachable) take a node out of the pool. When nothing
 has succeeded and nothing is running, the cheapest untried expert runs regardless of the
 budget (``budget_met=False``); when every expert failed the request fails with
-:class:`~moesaic.rpc.UnavailableError`. Every call has a timeout, so nothing hangs.
+:class:`~moesaic.rpc.Unavailable`. Every call has a timeout, so nothing hangs.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.planner import Planner, TaskModel, load_task_models, set_cost
 from moesaic.coordinator.registry import Expert, Registry
 from moesaic.coordinator.selection import Budget
+from moesaic.errors import DeadlineExceeded, InvalidInput, Unavailable
 from moesaic.metrics import Metrics
 from moesaic.nodes.client import InferResult
-from moesaic.rpc import UnavailableError
 
 __all__ = ["Coordinator", "ExpertCall", "PerceiveInput", "Perception", "Run"]
 
@@ -217,11 +217,11 @@ class Coordinator:
 
     # -- perceive ----------------------------------------------------------------------
     async def perceive(self, request: PerceiveInput) -> Perception:
-        """Run one request to a fused result; raises ValueError / UnavailableError / TimeoutError."""
+        """Run one request to a fused result; raises InvalidInput / Unavailable / DeadlineExceeded."""
         if request.task not in FUSED_TASKS:
-            raise ValueError(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
+            raise InvalidInput(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
         if not self.planner.candidates(request.task):
-            raise UnavailableError(f"task {request.task!r}: no expert is up")
+            raise Unavailable(f"task {request.task!r}: no expert is up")
         budget = request.budget if request.budget.bounded else self._default_budget()
         start = time.monotonic()
         features = self.features(request.task, request.inputs)
@@ -290,13 +290,13 @@ class Coordinator:
                     )
                 if not running and not outputs:
                     if request.deadline is not None and time.monotonic() >= request.deadline:
-                        raise TimeoutError(
+                        raise DeadlineExceeded(
                             f"task {task!r}: the caller's deadline passed before any expert answered"
                         )
                     rest = self.planner.candidates(task, exclude=set(runs))
                     if not rest:
                         errors = "; ".join(f"{r.expert.id}: {r.status} {r.error}" for r in runs.values())
-                        raise UnavailableError(f"task {task!r}: every expert failed ({errors})")
+                        raise Unavailable(f"task {task!r}: every expert failed ({errors})")
                     plan_ok = False  # last resort: the cheapest untried expert, whatever the budget
                     launch((min(rest, key=lambda e: (e.energy_mj, e.latency_ms, e.id)),), False)
         finally:

@@ -6,7 +6,7 @@
 - ``tensor`` -> that tensor under its name (``x`` when unnamed);
 - task ``vlm`` adds ``prompt`` BYTES [1] from option ``prompt`` (default ``<OD>``).
 
-Every error is a ``ValueError`` naming the field.
+Every error is an :class:`~moesaic.errors.InvalidInput` naming the field.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moesaic.errors import InvalidInput
 from moesaic.runtime.engine import dtype_of
 
 __all__ = ["RequestInputs", "decode_image", "decode_inputs"]
@@ -42,11 +43,11 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
     enc = (encoding or "").lower()
     if enc == "rgb8":
         if width <= 0 or height <= 0:
-            raise ValueError("image.width/height: required (> 0) for rgb8 images")
+            raise InvalidInput("image.width/height: required (> 0) for rgb8 images")
         if width * height > _MAX_IMAGE_PIXELS:
-            raise ValueError(f"image: {width}x{height} exceeds {_MAX_IMAGE_PIXELS} pixels")
+            raise InvalidInput(f"image: {width}x{height} exceeds {_MAX_IMAGE_PIXELS} pixels")
         if len(data) != width * height * 3:
-            raise ValueError(
+            raise InvalidInput(
                 f"image.data: expected {width * height * 3} bytes for {width}x{height} rgb8, got {len(data)}"
             )
         return np.frombuffer(data, np.uint8).reshape(height, width, 3)
@@ -56,11 +57,11 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
         try:
             with Image.open(io.BytesIO(data)) as img:
                 if img.width * img.height > _MAX_IMAGE_PIXELS:
-                    raise ValueError(f"image: {img.width}x{img.height} exceeds {_MAX_IMAGE_PIXELS} pixels")
+                    raise InvalidInput(f"image: {img.width}x{img.height} exceeds {_MAX_IMAGE_PIXELS} pixels")
                 return np.asarray(img.convert("RGB"))
         except (UnidentifiedImageError, OSError) as exc:
-            raise ValueError(f"image.data: cannot decode {enc or 'image'}: {exc}") from None
-    raise ValueError(f"image.encoding: {encoding!r} is not one of jpeg, png, rgb8")
+            raise InvalidInput(f"image.data: cannot decode {enc or 'image'}: {exc}") from None
+    raise InvalidInput(f"image.encoding: {encoding!r} is not one of jpeg, png, rgb8")
 
 
 def decode_inputs(task: str, request: Any, options: Mapping[str, str] | None = None) -> RequestInputs:
@@ -71,13 +72,15 @@ def decode_inputs(task: str, request: Any, options: Mapping[str, str] | None = N
     if which == "points":
         fields = request.points.fields or 4
         if fields < 4:
-            raise ValueError(f"points.fields: expected >= 4 values per point, got {fields}")
+            raise InvalidInput(f"points.fields: expected >= 4 values per point, got {fields}")
         data = request.points.data
         if len(data) % (4 * fields):
-            raise ValueError(f"points.data: {len(data)} bytes is not a whole number of {fields}-float points")
+            raise InvalidInput(
+                f"points.data: {len(data)} bytes is not a whole number of {fields}-float points"
+            )
         pts = np.frombuffer(data, "<f4").reshape(-1, fields)[:, :4]
         if not np.all(np.isfinite(pts)):
-            raise ValueError("points.data: values must be finite")
+            raise InvalidInput("points.data: values must be finite")
         tensors = {"points": np.ascontiguousarray(pts, dtype=np.float32)}
         if request.sensor_id:
             params["sensor_id"] = request.sensor_id
@@ -88,19 +91,19 @@ def decode_inputs(task: str, request: Any, options: Mapping[str, str] | None = N
         t = request.tensor
         dtype = dtype_of(t.datatype)
         if t.datatype == "BYTES":
-            raise ValueError("tensor.datatype: BYTES tensors are not accepted as Perceive input")
+            raise InvalidInput("tensor.datatype: BYTES tensors are not accepted as Perceive input")
         shape = tuple(int(d) for d in t.shape)
         if any(d < 0 for d in shape):
-            raise ValueError(f"tensor.shape: dimensions must be >= 0, got {list(shape)}")
+            raise InvalidInput(f"tensor.shape: dimensions must be >= 0, got {list(shape)}")
         count = int(np.prod(shape)) if shape else 1
         if len(t.data) != count * dtype.itemsize:
-            raise ValueError(
+            raise InvalidInput(
                 f"tensor.data: expected {count * dtype.itemsize} bytes for {t.datatype} {list(shape)}, "
                 f"got {len(t.data)}"
             )
         tensors = {t.name or "x": np.frombuffer(t.data, dtype).reshape(shape)}
     else:
-        raise ValueError("input: one of points, image or tensor is required")
+        raise InvalidInput("input: one of points, image or tensor is required")
     if task == "vlm":
         tensors["prompt"] = np.array([options.get("prompt", "<OD>").encode()], dtype=object)
     return RequestInputs(tensors, params)

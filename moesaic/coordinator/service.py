@@ -26,6 +26,7 @@ from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
 from moesaic.coordinator.fusion import FUSED_TASKS
 from moesaic.coordinator.inputs import decode_inputs
 from moesaic.coordinator.selection import Budget
+from moesaic.errors import InvalidInput, as_moesaic_error
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort_async, add_health_and_reflection, add_port, create_server, status_of
@@ -39,13 +40,13 @@ log = logging.getLogger(__name__)
 
 
 def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
-    """A ``PerceiveRequest`` as a :class:`PerceiveInput`; ``ValueError`` naming the bad field."""
+    """A ``PerceiveRequest`` as a :class:`PerceiveInput`; :class:`InvalidInput` naming the bad field."""
     if request.task not in FUSED_TASKS:
-        raise ValueError(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
+        raise InvalidInput(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
     b = request.budget
     for name, value in (("latency_ms", b.latency_ms), ("energy_mj", b.energy_mj)):
         if not np.isfinite(value) or value < 0:
-            raise ValueError(f"budget.{name}: expected a finite value >= 0 (0 = unbounded), got {value}")
+            raise InvalidInput(f"budget.{name}: expected a finite value >= 0 (0 = unbounded), got {value}")
     options = dict(request.options)
     return PerceiveInput(
         task=request.task,
@@ -124,11 +125,9 @@ class CoordinatorServicer(moesaic_pb2_grpc.CoordinatorServicer):
         try:
             response = to_proto(await self.coordinator.perceive(to_domain(request, deadline)))
         except Exception as exc:
-            code, _ = status_of(exc)
-            if code == grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            self._count(method, code)
-            raise
+            err = as_moesaic_error(exc, where=method)
+            self._count(method, status_of(err)[0])
+            raise err from None
         self._count(method, grpc.StatusCode.OK)
         return response
 

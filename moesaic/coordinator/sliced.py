@@ -20,8 +20,8 @@ import numpy as np
 from moesaic.coordinator.fusion import Fused
 from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.selection import Budget, fits
+from moesaic.errors import Unavailable
 from moesaic.models.detections import Detections
-from moesaic.rpc import UnavailableError
 
 if TYPE_CHECKING:
     from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
@@ -130,7 +130,7 @@ async def sliced_perceive(
         await asyncio.gather(*(worker(e) for e in spare))
     if len(results) < len(tiles):
         errors = "; ".join(f"{r.expert.id}: {r.status} {r.error}" for r in runs.values())
-        raise UnavailableError(
+        raise Unavailable(
             f"sliced detection: {len(tiles) - len(results)} of {len(tiles)} tiles failed ({errors})"
         )
     for run in runs.values():

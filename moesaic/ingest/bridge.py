@@ -29,6 +29,7 @@ import aiomqtt
 import grpc
 from aiomqtt.exceptions import MqttConnectError
 
+from moesaic.errors import describe
 from moesaic.ingest.config import IngestConfig
 from moesaic.ingest.coordinator_client import CoordinatorClient
 from moesaic.ingest.mqtt import connect_options
@@ -213,8 +214,8 @@ class Bridge:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # one bad frame never stops the stream
-                log.exception("frame %s of %s failed", frame.frame_id, frame.sensor_id)
-                self._report_error(frame.sensor_id, "internal", f"{type(exc).__name__}: {exc}")
+                error = describe(exc)
+                self._report_error(frame.sensor_id, error["reason"], error["message"], frame=frame)
             self.stats.processed += 1
 
     # ------------------------------------------------------------------ coordinator

@@ -15,10 +15,11 @@ dimension 0 (in arrival order), run in one engine call and split back by rows. E
 gets the batch's time and energy in proportion to its rows.
 
 Work in flight is tracked by id: a failed batch fails every member (with an
-:class:`~moesaic.runtime.engine.EngineError` naming the batch), a request whose deadline passes
-while it is still queued is taken out and gets ``TimeoutError``, :meth:`DynamicBatcher.drain`
-sends whatever is queued without waiting out the delay (SIGTERM), and if the batcher thread
-ever dies every request it holds fails instead of hanging.
+:class:`~moesaic.runtime.engine.EngineError` naming the batch), a request whose deadline
+passes while it is still queued is taken out and gets
+:class:`~moesaic.errors.DeadlineExceeded` (the most urgent group is batched first),
+:meth:`DynamicBatcher.drain` sends whatever is queued without waiting out the delay
+(SIGTERM), and if the batcher thread ever dies every request it holds fails instead of hanging.
 
 >>> batcher = DynamicBatcher("double", lambda x: {"y": x["x"] * 2}, DynamicBatchingConfig())
 >>> share = batcher.submit({"x": np.ones((1, 2), np.float32)}, timeout=1.0)
@@ -41,11 +42,11 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moesaic.rpc import UnavailableError
-from moesaic.runtime.energy import EnergyMeter
+from moesaic.errors import DeadlineExceeded, Unavailable
+from moesaic.runtime.cost import CostMeter
 from moesaic.runtime.engine import EngineDescription, EngineError, dtype_of
 
-__all__ = ["BatchShare", "DynamicBatcher", "DynamicBatchingConfig", "check_batchable"]
+__all__ = ["BatchShare", "DynamicBatcher", "DynamicBatchingConfig", "check_batchable", "zero_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +114,7 @@ def check_batchable(description: EngineDescription, run: RunBatch, where: str) -
                     "dynamic batching needs a dynamic first (batch) dimension on every input and output"
                 )
     for rows in (1, 2):
-        feed: Tensors = {}
-        for spec in description.inputs:
-            shape = (rows, *(d if d >= 0 else 1 for d in spec.shape[1:]))
-            if spec.datatype == "BYTES":
-                feed[spec.name] = np.full(shape, b"", dtype=object)
-            else:
-                feed[spec.name] = np.zeros(shape, dtype_of(spec.datatype))
+        feed = zero_inputs(description, rows)
         try:
             outputs = run(feed)
         except Exception as exc:
@@ -130,6 +125,20 @@ def check_batchable(description: EngineDescription, run: RunBatch, where: str) -
                     f"{where}: engine output {name!r} has shape {list(array.shape)} for an input "
                     f"batch of {rows}; dynamic batching needs outputs whose first dimension is the batch"
                 )
+
+
+def zero_inputs(description: EngineDescription, rows: int = 1) -> Tensors:
+    """Zeros for every engine input, ``rows`` along the first dimension (other dynamic dims 1)."""
+    feed: Tensors = {}
+    for spec in description.inputs:
+        dims = [d if d >= 0 else 1 for d in spec.shape]
+        if dims:
+            dims[0] = rows if spec.shape[0] < 0 else dims[0]
+        if spec.datatype == "BYTES":
+            feed[spec.name] = np.full(dims, b"", dtype=object)
+        else:
+            feed[spec.name] = np.zeros(dims, dtype_of(spec.datatype))
+    return feed
 
 
 class _Pending:
@@ -173,13 +182,15 @@ class DynamicBatcher:
         run: RunBatch,
         config: DynamicBatchingConfig,
         *,
-        meter: EnergyMeter | None = None,
+        cost: CostMeter | None = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self._run = run
-        self._meter = meter
+        self._cost = cost
+        self._batch_s = 0.0  # running mean of an engine call, for the expected wait
+        self._running_since: float | None = None
         self._on_batch = on_batch
         self._delay = config.max_queue_delay_us / 1e6
         self._preferred = frozenset(config.preferred_batch_sizes)
@@ -200,14 +211,14 @@ class DynamicBatcher:
         """Queue ``inputs`` and block until their rows of a batch are back.
 
         ``timeout`` (seconds) is the request's remaining deadline: if it passes while the request
-        is still queued, the request leaves the queue and ``TimeoutError`` is raised. A request
+        is still queued, the request leaves the queue and ``DeadlineExceeded`` is raised. A request
         already running waits for its batch to end.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             if self._closed or self._dead is not None:
                 reason = "stopping" if self._closed else f"batcher failed: {self._dead}"
-                raise UnavailableError(f"model {self.name!r}: {reason}")
+                raise Unavailable(f"model {self.name!r}: {reason}")
             pending = _Pending(next(self._ids), inputs, deadline)
             self._queue.append(pending)
             self._inflight[pending.id] = pending
@@ -224,14 +235,29 @@ class DynamicBatcher:
         assert pending.result is not None
         return pending.result
 
-    def _expired(self, pending: _Pending) -> TimeoutError:
+    def _expired(self, pending: _Pending) -> DeadlineExceeded:
         waited = (time.monotonic() - pending.enqueued) * 1e3
-        return TimeoutError(f"model {self.name!r}: deadline passed after {waited:.1f} ms in the batch queue")
+        return DeadlineExceeded(
+            f"model {self.name!r}: deadline passed after {waited:.1f} ms in the batch queue"
+        )
 
     def queued(self) -> int:
         """Requests waiting in the queue now."""
         with self._cond:
             return len(self._queue)
+
+    def running_s(self) -> float:
+        """Seconds the engine call in progress has run (0 when none runs)."""
+        since = self._running_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def expected_wait_s(self) -> float:
+        """Seconds a request arriving now should wait before its batch runs (a rough figure:
+        the batches ahead of it at the running mean engine time, plus the gathering delay)."""
+        with self._cond:
+            rows = sum(p.rows for p in self._queue)
+        batches = -(-rows // self.config.max_batch_size)
+        return batches * self._batch_s + (self._delay if rows < self.config.max_batch_size else 0.0)
 
     # -------------------------------------------------------------- lifecycle
 
@@ -248,7 +274,7 @@ class DynamicBatcher:
             self._cond.notify()
         self._thread.join(timeout)
         with self._cond:  # the thread is stuck in the engine past ``timeout``: fail the rest
-            self._fail_all(UnavailableError(f"model {self.name!r}: stopped"))
+            self._fail_all(Unavailable(f"model {self.name!r}: stopped"))
 
     # -------------------------------------------------------------- batcher thread
 
@@ -298,14 +324,15 @@ class DynamicBatcher:
             pending.finish(error=self._expired(pending))
 
     def _pick(self, now: float) -> tuple[list[_Pending], float]:
-        """The first batch that is due, oldest group first; else ([], when the next one is due).
+        """The first batch that is due, the group of the earliest deadline first (then the
+        oldest); else ([], when the next one is due).
 
         A group is the queued requests of one key (names, dtypes, non-batch dimensions), so a
         request of another shape never waits behind a group that is still gathering.
         """
         seen: set[tuple[Any, ...]] = set()
         wake = float("inf")
-        for head in self._queue:
+        for head in sorted(self._queue, key=_urgency):
             if head.key in seen:
                 continue
             seen.add(head.key)
@@ -313,11 +340,11 @@ class DynamicBatcher:
             take = self._due(members, rows, now)
             if take:
                 return members[:take], now
-            wake = min(wake, head.enqueued + self._delay)
+            wake = min(wake, min(p.enqueued for p in members) + self._delay)
         return [], wake
 
     def _compatible(self, head: _Pending) -> tuple[list[_Pending], int]:
-        """``head`` (the oldest of its key) and, in arrival order, the requests that fit its batch."""
+        """``head`` (the most urgent of its key) and, in arrival order, the others that fit its batch."""
         members, rows = [head], head.rows
         limit = self.config.max_batch_size
         for pending in self._queue:
@@ -340,22 +367,25 @@ class DynamicBatcher:
                     best = i
             if best:
                 return best
-        if now >= members[0].enqueued + self._delay:
+        if now >= min(p.enqueued for p in members) + self._delay:
             return len(members)
         return 0
 
     def _execute(self, batch: list[_Pending]) -> None:
         rows = [p.rows for p in batch]
         total = sum(rows)
-        meter = self._meter
+        cost = self._cost
         try:
             inputs = batch[0].inputs if len(batch) == 1 else _concatenate(batch)
-            start_j = meter.joules() if meter else 0.0
-            start = time.perf_counter()
-            outputs = self._run(inputs)
-            seconds = time.perf_counter() - start
-            joules = max((meter.joules() - start_j) if meter else 0.0, 0.0)
+            work = cost.begin(self.name) if cost else None
+            start = self._running_since = time.monotonic()
+            try:
+                outputs = self._run(inputs)
+            finally:
+                self._running_since = None
+                seconds = cost.end(work) if cost and work else time.monotonic() - start
             self.engine_calls += 1
+            self._batch_s = seconds if self.engine_calls == 1 else 0.8 * self._batch_s + 0.2 * seconds
             if len(batch) > 1:
                 for name, array in outputs.items():
                     if array.ndim == 0 or array.shape[0] != total:
@@ -366,6 +396,7 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail(batch, total, exc)
             return
+        joules = cost.energy_j(self.name, seconds) if cost else 0.0
         if self._on_batch is not None:
             try:
                 self._on_batch(total, len(batch))
@@ -397,6 +428,10 @@ class DynamicBatcher:
         with self._cond:
             self._inflight.pop(pending.id, None)
         pending.finish(result, error)
+
+
+def _urgency(pending: _Pending) -> tuple[float, float]:
+    return (pending.deadline if pending.deadline is not None else float("inf"), pending.enqueued)
 
 
 def _concatenate(batch: list[_Pending]) -> Tensors:

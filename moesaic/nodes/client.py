@@ -52,7 +52,7 @@ class InferResult:
     @property
     def energy_measured(self) -> bool:
         """True when the energy came from a hardware counter rather than an estimate."""
-        return bool(self.energy_source) and self.energy_source != "estimate"
+        return bool(self.energy_source) and self.energy_source.split("+")[0] != "estimate"
 
 
 class NodeClient:

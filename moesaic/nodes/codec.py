@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from moesaic.errors import InvalidInput
 from moesaic.proto import inference_pb2
 from moesaic.runtime.engine import DATATYPES, datatype_of
 
@@ -69,7 +70,7 @@ def _varint(data: Buffer, pos: int) -> tuple[int, int]:
             return result, pos
         shift += 7
         if shift > 63:
-            raise ValueError("malformed message: varint too long")
+            raise InvalidInput("malformed message: varint too long")
 
 
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
@@ -115,7 +116,7 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
                     length, pos = _varint(buf, pos)
                 end = pos + length
                 if end > n:
-                    raise ValueError("malformed message: field runs past the end")
+                    raise InvalidInput("malformed message: field runs past the end")
                 if tag >> 3 == raw_field:
                     if run_start < start:
                         runs.append(view[run_start:start])
@@ -129,11 +130,11 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
             elif wire == 5:
                 pos += 4
             else:
-                raise ValueError(f"malformed message: wire type {wire}")
+                raise InvalidInput(f"malformed message: wire type {wire}")
     except IndexError:
-        raise ValueError("malformed message: truncated") from None
+        raise InvalidInput("malformed message: truncated") from None
     if pos != n:
-        raise ValueError("malformed message: truncated")
+        raise InvalidInput("malformed message: truncated")
     if not raws:
         return bytes(view), raws
     if run_start < n:
@@ -189,7 +190,7 @@ def _cached_string_field(tag: bytes, value: str) -> bytes:
 def _int64_bytes(value: int) -> bytes:
     """Varint of a protobuf int64 (negative numbers as their 64-bit two's complement)."""
     if not -_INT64_LIMIT <= value < _INT64_LIMIT:
-        raise ValueError(f"value {value} is out of range for int64")
+        raise InvalidInput(f"value {value} is out of range for int64")
     return _varint_bytes(value + (1 << 64) if value < 0 else value)
 
 
@@ -249,15 +250,15 @@ def deserialize_bytes_tensor(buf: Buffer, shape: Sequence[int], name: str = "ten
     n = len(view)
     while pos < n:
         if pos + 4 > n:
-            raise ValueError(f"input {name!r}: BYTES content truncated in a length prefix")
+            raise InvalidInput(f"input {name!r}: BYTES content truncated in a length prefix")
         (length,) = struct.unpack_from("<I", view, pos)
         pos += 4
         if pos + length > n:
-            raise ValueError(f"input {name!r}: BYTES element {len(items)} runs past the end")
+            raise InvalidInput(f"input {name!r}: BYTES element {len(items)} runs past the end")
         items.append(view[pos : pos + length].tobytes())
         pos += length
     if len(items) != count:
-        raise ValueError(
+        raise InvalidInput(
             f"input {name!r}: BYTES content holds {len(items)} elements; shape {list(shape)} needs {count}"
         )
     out = np.empty(count, dtype=object)
@@ -271,15 +272,15 @@ def decode_tensor(name: str, datatype: str, shape: Sequence[int], buf: Buffer) -
         return deserialize_bytes_tensor(buf, shape, name)
     dtype = DATATYPES.get(datatype)
     if dtype is None:
-        raise ValueError(
+        raise InvalidInput(
             f"input {name!r}: unknown datatype {datatype!r}; expected one of {sorted(DATATYPES)}"
         )
     if any(d < 0 for d in shape):
-        raise ValueError(f"input {name!r}: shape {list(shape)} has a negative dimension")
+        raise InvalidInput(f"input {name!r}: shape {list(shape)} has a negative dimension")
     expected = math.prod(shape) * dtype.itemsize
     nbytes = len(buf) if isinstance(buf, bytes) else memoryview(buf).nbytes
     if nbytes != expected:
-        raise ValueError(
+        raise InvalidInput(
             f"input {name!r}: raw content is {nbytes} bytes; "
             f"shape {list(shape)} of {datatype} needs {expected}"
         )
@@ -316,13 +317,13 @@ def tensor_from_contents(name: str, datatype: str, shape: Sequence[int], content
     """numpy array from a typed ``InferTensorContents`` (the non-raw form; this one copies)."""
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise ValueError(
+        raise InvalidInput(
             f"input {name!r}: datatype {datatype} cannot travel in typed contents; use raw contents"
         )
     values = getattr(contents, field)
     count = math.prod(shape)
     if len(values) != count:
-        raise ValueError(
+        raise InvalidInput(
             f"input {name!r}: contents.{field} holds {len(values)} values; shape {list(shape)} needs {count}"
         )
     if datatype == "BYTES":
@@ -337,7 +338,7 @@ def tensor_to_contents(array: np.ndarray, contents: Any) -> str:
     datatype = datatype_of(array.dtype)
     field = _CONTENTS_FIELD.get(datatype)
     if field is None:
-        raise ValueError(f"datatype {datatype} cannot travel in typed contents")
+        raise InvalidInput(f"datatype {datatype} cannot travel in typed contents")
     flat = array.reshape(-1)
     values = (
         [x.encode() if isinstance(x, str) else bytes(x) for x in flat]
@@ -449,7 +450,7 @@ def decode_response(data: Buffer) -> tuple[Any, dict[str, np.ndarray]]:
     header = inference_pb2.ModelInferResponse.FromString(header_bytes)
     outputs: dict[str, np.ndarray] = {}
     if raws and len(raws) != len(header.outputs):
-        raise ValueError(f"response holds {len(raws)} raw outputs for {len(header.outputs)} output tensors")
+        raise InvalidInput(f"response holds {len(raws)} raw outputs for {len(header.outputs)} output tensors")
     for i, tensor in enumerate(header.outputs):
         shape = tuple(tensor.shape)
         if raws:

@@ -59,6 +59,29 @@ class NodeConfig(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight requests may finish on SIGTERM.")
+    energy_interval_s: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="How often the cost meter reads the device's energy source (its own thread).",
+    )
+    idle_watts: float | None = Field(
+        None,
+        ge=0,
+        description="The device's idle draw; default: learnt from stretches with no work.",
+    )
+    hang_timeout_s: float = Field(
+        60.0,
+        gt=0,
+        description="An engine call running longer than this marks its model hung: health "
+        "NOT_SERVING and the systemd watchdog is no longer fed (systemd restarts the node).",
+    )
+    probe_interval_s: float = Field(
+        30.0,
+        gt=0,
+        description="A model idle this long gets a probe inference on zeros, so a hung engine is "
+        "found without traffic.",
+    )
 
     @field_validator("listen")
     @classmethod

@@ -9,6 +9,7 @@ from the graph). An optional ``model.yaml`` adds::
     engine: {type: onnxruntime, intra_op_threads: 2}
     processor: {type: ppn_bev, frames: 4}   # node then advertises the processor's tensors
     max_batch_size: 8        # largest first dimension accepted; 0 = no batch limit
+    instances: 1             # requests that run at once; the rest queue, earliest deadline first
     dynamic_batching: {max_batch_size: 8, max_queue_delay_us: 2000}  # merge concurrent requests
     class_names: [road, car, person]
 
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -28,10 +28,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from moesaic.config import read_yaml_mapping
-from moesaic.nodes.batching import BatchShare, DynamicBatcher, DynamicBatchingConfig, check_batchable
+from moesaic.errors import InvalidInput, Unavailable
+from moesaic.nodes.batching import DynamicBatcher, DynamicBatchingConfig, check_batchable, zero_inputs
 from moesaic.nodes.config import format_validation_error
+from moesaic.runtime.cost import CostMeter
 from moesaic.runtime.devices import DeviceInfo
-from moesaic.runtime.energy import EnergyMeter
 from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine, parse_engine_config
 from moesaic.runtime.processing import Processor, create_processor
 
@@ -60,6 +61,13 @@ class ModelSpec(BaseModel):
         None, description="Pre/post-processing: {type: NAME, ...options}."
     )
     max_batch_size: int = Field(0, ge=0, description="Largest first dimension accepted; 0 = no limit.")
+    instances: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Requests of this model that run at once (like Triton's instance count); the "
+        "rest wait in the model's earliest-deadline-first queue.",
+    )
     dynamic_batching: DynamicBatchingConfig | None = Field(
         None,
         description="Merge requests arriving within a short delay into one engine call (along "
@@ -140,7 +148,6 @@ class ServedModel:
         self.device = ""
         self.class_names: list[str] = list(spec.class_names)
         self.batcher: DynamicBatcher | None = None
-        self._meter: EnergyMeter | None = None
         self._lock = threading.Lock()
 
     @property
@@ -167,14 +174,14 @@ class ServedModel:
         self,
         device: DeviceInfo,
         *,
-        meter: EnergyMeter | None = None,
+        cost: CostMeter | None = None,
         on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
         """Build and warm up the engine (and processor); on failure the model is ``failed``.
 
         With ``dynamic_batching`` the engine is checked to batch along dimension 0 and a
-        :class:`~moesaic.nodes.batching.DynamicBatcher` starts; ``meter`` measures each batch's
-        energy and ``on_batch(rows, requests)`` is told of every engine call it makes.
+        :class:`~moesaic.nodes.batching.DynamicBatcher` starts; ``cost`` is told of each batch's
+        busy time and ``on_batch(rows, requests)`` is told of every engine call it makes.
         """
         with self._lock:
             engine: Engine | None = None
@@ -197,9 +204,8 @@ class ServedModel:
                 self.output_names = frozenset(s.name for s in self.outputs)
                 if batching is not None:
                     self.batcher = DynamicBatcher(
-                        self.name, engine.infer, batching, meter=meter, on_batch=on_batch
+                        self.name, engine.infer, batching, cost=cost, on_batch=on_batch
                     )
-                self._meter = meter
                 self.engine, self.processor = engine, processor
                 self.state, self.error = "ready", ""
             except Exception as exc:
@@ -208,51 +214,46 @@ class ServedModel:
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
                 log.error("model %s (%s) failed to load: %s", self.name, self.folder, self.error)
 
-    def infer(self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Run the processor (if any) and the engine on validated inputs."""
+    def preprocess(
+        self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]
+    ) -> tuple[Mapping[str, np.ndarray], Any]:
+        """Engine inputs and the processor's context; :class:`InvalidInput` when the input is bad.
+
+        A processor reports what is wrong with a request as a ``ValueError``: here, before any
+        engine work, that becomes the client's error.
+        """
+        processor = self.processor
+        if processor is None:
+            return inputs, None
+        try:
+            return processor.preprocess(inputs, parameters)
+        except InvalidInput:
+            raise
+        except ValueError as exc:
+            raise InvalidInput(f"model {self.name!r}: {exc}", reason="bad_input") from None
+
+    def run(self, engine_inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One engine call (``Unavailable`` when the model is not loaded)."""
         engine = self.engine
         if engine is None:
-            raise RuntimeError(f"model {self.name!r} is not loaded")
-        processor = self.processor
-        if processor is None:
-            return engine.infer(inputs)
-        engine_inputs, context = processor.preprocess(inputs, parameters)
-        return processor.postprocess(engine.infer(engine_inputs), context)
+            raise Unavailable(f"model {self.name!r} is not loaded")
+        return engine.infer(engine_inputs)
 
-    def infer_batched(
-        self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any], timeout: float | None
-    ) -> BatchShare:
-        """Like :meth:`infer`, through the dynamic batcher; the share's cost covers pre/post-processing.
+    def zero_inputs(self) -> dict[str, np.ndarray]:
+        """Zeros for one engine call (batch 1): the liveness probe's input."""
+        engine = self.engine
+        if engine is None:
+            raise Unavailable(f"model {self.name!r} is not loaded")
+        return zero_inputs(engine.describe())
 
-        ``timeout``: seconds left of the request's deadline (``TimeoutError`` if it passes queued).
-        """
-        batcher = self.batcher
-        if batcher is None:
-            raise RuntimeError(f"model {self.name!r} has no dynamic batcher")
+    def postprocess(self, outputs: dict[str, np.ndarray], context: Any) -> dict[str, np.ndarray]:
         processor = self.processor
-        if processor is None:
-            return batcher.submit(inputs, timeout)
-        meter = self._meter
-        start_j = meter.joules() if meter else 0.0
-        start = time.perf_counter()
-        engine_inputs, context = processor.preprocess(inputs, parameters)
-        pre_s = time.perf_counter() - start
-        pre_j = (meter.joules() - start_j) if meter else 0.0
-        if timeout is not None:
-            timeout -= pre_s
-        share = batcher.submit(engine_inputs, timeout)
-        start_j = meter.joules() if meter else 0.0
-        start = time.perf_counter()
-        outputs = processor.postprocess(share.outputs, context)
-        post_s = time.perf_counter() - start
-        post_j = (meter.joules() - start_j) if meter else 0.0
-        return BatchShare(
-            outputs,
-            share.seconds + pre_s + post_s,
-            share.joules + max(pre_j + post_j, 0.0),
-            share.batch_rows,
-            share.batch_requests,
-        )
+        return outputs if processor is None else processor.postprocess(outputs, context)
+
+    def infer(self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """Pre-process, engine, post-process on validated inputs (no queue, no accounting)."""
+        engine_inputs, context = self.preprocess(inputs, parameters)
+        return self.postprocess(self.run(engine_inputs), context)
 
     def drain(self) -> None:
         """Send queued requests at once from now on (shutdown)."""

@@ -8,7 +8,9 @@
 
 Requests run on a thread pool (measured faster than ``grpc.aio`` plus an executor hop for
 short models); the engine runs in the request's thread. :meth:`run` is the long-running
-entry point: it loads models, tells systemd READY, feeds the watchdog from its loop and, on
+entry point: it loads models, tells systemd READY, feeds the watchdog from its loop while no
+engine is hung (a monitor thread marks a model whose engine call runs past ``hang_timeout_s``
+NOT_SERVING, and probes models idle for ``probe_interval_s``) and, on
 SIGTERM or SIGINT, sets health NOT_SERVING first, lets in-flight requests finish
 (``grace_seconds``) and exits. Models with ``dynamic_batching`` send their queued requests at
 once when the drain starts.
@@ -27,10 +29,12 @@ from grpc_health.v1 import health_pb2
 
 from moesaic.metrics import Metrics
 from moesaic.nodes.config import NodeConfig
+from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.repository import ServedModel, scan_models
 from moesaic.nodes.servicer import INFERENCE_SERVICE, NODE_SERVICE, InferenceServicer, NodeServicer
 from moesaic.proto import moesaic_pb2_grpc
 from moesaic.rpc import add_health_and_reflection, add_port, create_server
+from moesaic.runtime.cost import CostMeter, IntervalReport
 from moesaic.runtime.devices import DeviceInfo, discover_device
 from moesaic.runtime.energy import EnergyMeter, open_meter
 from moesaic.runtime.profiler import ProfileRecord, load_profile_file
@@ -64,16 +68,26 @@ class NodeServer:
             models = scan_models(config.models)
         self.models: dict[str, ServedModel] = {m.name: m for m in models}
         self.device = device or discover_device(config.device)
-        self._own_meter = meter is None
-        self.meter = meter or open_meter(self.device)
-        self.profiles: list[ProfileRecord] = load_profile_file(config.profile) if config.profile else []
         self.metrics = Metrics(component="node")
+        self.cost = CostMeter(
+            meter or open_meter(self.device),
+            device=self.device.id,
+            interval_s=config.energy_interval_s,
+            idle_watts=config.idle_watts,
+            on_interval=self._observe_interval,
+            own_source=meter is None,
+        )
+        self._energy_reported: dict[str, float] = {}
+        self.profiles: list[ProfileRecord] = load_profile_file(config.profile) if config.profile else []
+        self.plane = DataPlane(self.models, self.cost, self.metrics)
         self.port = 0
         self._loaded = threading.Event()
         self._stopping = False
         self._server: Any = None
         self._health: Any = None
         self._metrics_server: Any = None
+        self._monitor_stop = threading.Event()
+        self._probing: set[str] = set()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -92,10 +106,10 @@ class NodeServer:
         """Bind and start serving (health NOT_SERVING); load models on a thread. Returns the port."""
         cfg = self.config
         server = create_server(max_message_bytes=cfg.max_message_bytes, max_workers=cfg.max_workers)
-        inference = InferenceServicer(self.models, self.meter, self.metrics, is_ready=self.is_ready)
+        inference = InferenceServicer(self.plane, self.metrics, is_ready=self.is_ready)
         server.add_generic_rpc_handlers((inference.handler(),))
         moesaic_pb2_grpc.add_NodeServicer_to_server(
-            NodeServicer(cfg.node_id, self.device, self.models, self.profiles), server
+            NodeServicer(cfg.node_id, self.device, self.plane, self.profiles), server
         )
         self._health = add_health_and_reflection(server, [INFERENCE_SERVICE, NODE_SERVICE, *self.models])
         self.port = add_port(server, cfg.listen, cfg.tls)
@@ -112,6 +126,7 @@ class NodeServer:
         )
         if load:
             threading.Thread(target=self.load_models, name="model-loader", daemon=True).start()
+        threading.Thread(target=self._monitor, name="engine-monitor", daemon=True).start()
         return self.port
 
     def load_models(self) -> None:
@@ -135,7 +150,7 @@ class NodeServer:
     def _load_one(self, model: ServedModel) -> None:
         if self._stopping:
             return
-        model.load(self.device, meter=self.meter, on_batch=self._batch_observer(model.name))
+        model.load(self.device, cost=self.cost, on_batch=self._batch_observer(model.name))
         if model.ready:
             self._health.set(model.name, SERVING)
             log.info("model %s ready on %s", model.name, model.device)
@@ -150,6 +165,56 @@ class NodeServer:
 
         return observe
 
+    def _observe_interval(self, report: IntervalReport) -> None:
+        """Cost meter thread: the device's counter, idle draw and attributed energy as metrics."""
+        m, device = self.metrics, self.device.id
+        m.device_energy.labels(device=device).inc(max(report.device_joules, 0.0))
+        m.device_idle_watts.labels(device=device).set(report.idle_watts)
+        # Attribution of one interval may be negative (a coarse counter's step lands later);
+        # the counters move by the running totals' increases, so they never go back.
+        totals = self.cost.totals.attributed
+        for model in report.attributed:
+            total, shown = totals.get(model, 0.0), self._energy_reported.get(model, 0.0)
+            if total > shown:
+                m.model_energy.labels(model=model, device=device).inc(total - shown)
+                self._energy_reported[model] = total
+
+    # -------------------------------------------------------------- liveness
+
+    def healthy(self) -> bool:
+        """False once any model is hung: the systemd watchdog is then no longer fed."""
+        return not any(m.state == "hung" for m in self.models.values())
+
+    def _monitor(self) -> None:
+        """Watch engines: a call past ``hang_timeout_s`` marks its model hung (NOT_SERVING);
+        a model idle for ``probe_interval_s`` gets a probe inference, so hangs show without traffic."""
+        cfg = self.config
+        check_s = min(1.0, cfg.hang_timeout_s / 4)
+        while not self._monitor_stop.wait(check_s):
+            for name in self.plane.stalled(cfg.hang_timeout_s):
+                model = self.models[name]
+                if model.state != "ready":
+                    continue
+                model.state = "hung"
+                model.error = f"an engine call has run for more than {cfg.hang_timeout_s:g} s"
+                self._health.set(name, NOT_SERVING)
+                log.error("model %s is hung (%s); the watchdog is no longer fed", name, model.error)
+            if self._loaded.is_set():
+                for model in self.plane.idle_models(cfg.probe_interval_s):
+                    if model.name not in self._probing:
+                        self._probing.add(model.name)
+                        threading.Thread(
+                            target=self._probe, args=(model,), name=f"probe-{model.name}", daemon=True
+                        ).start()
+
+    def _probe(self, model: ServedModel) -> None:
+        try:
+            self.plane.probe(model, self.config.hang_timeout_s)
+        except Exception as exc:  # a probe on zeros may be refused: only a hang matters
+            log.debug("probe of %s: %s", model.name, exc)
+        finally:
+            self._probing.discard(model.name)
+
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Block until models finished loading; False on timeout."""
         return self._loaded.wait(timeout)
@@ -159,6 +224,7 @@ class NodeServer:
         if self._server is None:
             return
         self._stopping = True
+        self._monitor_stop.set()
         self._health.enter_graceful_shutdown()
         for model in self.models.values():
             model.drain()  # queued requests go at once instead of waiting for company
@@ -171,8 +237,7 @@ class NodeServer:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
             self._metrics_server = None
-        if self._own_meter:
-            self.meter.close()
+        self.cost.close()
 
     def __enter__(self) -> NodeServer:
         self.start()
@@ -193,7 +258,7 @@ class NodeServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         self.start(load=False)
-        async with Watchdog():
+        async with Watchdog(healthy=self.healthy):
             notify_status("loading models")
             load: asyncio.Future[Any] = loop.run_in_executor(None, self.load_models)
             stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())

@@ -46,6 +46,7 @@ class Device(_message.Message):
     CORES_FIELD_NUMBER: _builtins.int
     ENERGY_SOURCE_FIELD_NUMBER: _builtins.int
     ID_FIELD_NUMBER: _builtins.int
+    IDLE_WATTS_FIELD_NUMBER: _builtins.int
     kind: _builtins.str
     """"cpu", "cuda" or "jetson"."""
     name: _builtins.str
@@ -60,6 +61,8 @@ class Device(_message.Message):
     """Where energy numbers come from: "nvml", "jetson-ina3221", "rapl" or "estimate"."""
     id: _builtins.str
     """Stable identifier of the device on its host, e.g. "cuda:0", "cpu"."""
+    idle_watts: _builtins.float
+    """Idle draw the cost meter learnt (or was given), watts; 0 for an estimate source."""
     def __init__(
         self,
         *,
@@ -70,10 +73,11 @@ class Device(_message.Message):
         cores: _builtins.int = ...,
         energy_source: _builtins.str = ...,
         id: _builtins.str = ...,
+        idle_watts: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "energy_source", b"energy_source", "id", b"id", "kind", b"kind", "memory_bytes", b"memory_bytes", "name", b"name", "power_limit_watts", b"power_limit_watts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cores", b"cores", "energy_source", b"energy_source", "id", b"id", "idle_watts", b"idle_watts", "kind", b"kind", "memory_bytes", b"memory_bytes", "name", b"name", "power_limit_watts", b"power_limit_watts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -158,6 +162,8 @@ class ModelDescription(_message.Message):
     PROFILES_FIELD_NUMBER: _builtins.int
     CLASS_NAMES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    EXPECTED_WAIT_MS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """What the model does, e.g. "bev_segmentation", "bev_reconstruction", "detection", "vlm"."""
@@ -168,6 +174,10 @@ class ModelDescription(_message.Message):
     """"loading", "ready" or "failed"."""
     error: _builtins.str
     """Failure reason when state is "failed"."""
+    queue_depth: _builtins.int
+    """Requests running or waiting for this model now."""
+    expected_wait_ms: _builtins.float
+    """How long a request arriving now should expect to wait before it runs, ms."""
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelProfile]: ...
     @_builtins.property
@@ -185,10 +195,12 @@ class ModelDescription(_message.Message):
         profiles: _abc.Iterable[Global___ModelProfile] | None = ...,
         class_names: _abc.Iterable[_builtins.str] | None = ...,
         error: _builtins.str = ...,
+        queue_depth: _builtins.int = ...,
+        expected_wait_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "engine", b"engine", "error", b"error", "name", b"name", "profiles", b"profiles", "ready", b"ready", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "queue_depth", b"queue_depth", "ready", b"ready", "state", b"state", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,6 +25,8 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from moesaic.errors import Internal
+
 __all__ = [
     "DATATYPES",
     "Engine",
@@ -109,8 +111,10 @@ class EngineDescription:
     details: dict[str, str] = field(default_factory=dict)
 
 
-class EngineError(RuntimeError):
-    """An engine failed to load or to run."""
+class EngineError(Internal, RuntimeError):
+    """An engine failed to load or to run (INTERNAL; its message names the engine)."""
+
+    default_reason = "engine_failed"
 
 
 class MissingExtraError(EngineError, ImportError):

@@ -21,6 +21,7 @@ __all__ = [
     "write_batch_probe_model",
     "write_gather_model",
     "write_identity_model",
+    "write_matmul_model",
     "write_model",
 ]
 
@@ -84,6 +85,32 @@ def write_add_model(
             helper.make_tensor_value_info("total", TensorProto.FLOAT, []),
         ],
         initializer=[one],
+    )
+    return write_model(root / name, graph, model_yaml=model_yaml)
+
+
+def write_matmul_model(
+    root: Path, name: str, *, width: int = 256, layers: int = 4, model_yaml: str | None = None
+) -> Path:
+    """Folder ``root/name``: FP32 ``x [N, width]`` through ``layers`` fixed matrices -> ``y``.
+
+    A model whose run time is mostly compute (a few ms for 64 rows on one core), for energy
+    and queueing tests where the request path's own overhead must not dominate.
+    """
+    rng = np.random.default_rng(0)
+    weights, nodes, previous = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        weights.append(numpy_helper.from_array(w, f"w{i}"))
+        out = "y" if i == layers - 1 else f"h{i}"
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out]))
+        previous = out
+    graph = helper.make_graph(
+        nodes,
+        name,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
+        initializer=weights,
     )
     return write_model(root / name, graph, model_yaml=model_yaml)
 

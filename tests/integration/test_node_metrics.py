@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 from pathlib import Path
 
@@ -50,19 +51,23 @@ def test_metrics_endpoint_counts_inferences(tmp_path: Path) -> None:
             with pytest.raises(grpc.RpcError) as info:
                 call(request, timeout=10)
             assert info.value.code() == code
+        time.sleep(3 * node.config.energy_interval_s)  # the cost meter closes its intervals
         samples = _scrape(port)
-        source = "measured" if node.meter.measured else "estimated"
+        device = node.device.id
 
     # per-expert latency histogram: one observation per successful request, in buckets
     assert samples[_key("moesaic_expert_latency_seconds_count", expert="add")] == 3
     assert samples[_key("moesaic_expert_latency_seconds_count", expert="probe")] == 1
     assert samples[_key("moesaic_expert_latency_seconds_bucket", expert="add", le="+Inf")] == 3
     assert 0 < samples[_key("moesaic_expert_latency_seconds_sum", expert="add")] < 10
-    # energy, labelled measured or estimated (never the meter's raw name)
-    assert samples[_key("moesaic_energy_joules_total", expert="add", source=source)] >= 0
-    assert not any(
-        name == "moesaic_energy_joules_total" and ("source", "rapl") in labels for name, labels in samples
-    )
+    # energy: the device's counter, its idle draw, and what was attributed to each model
+    device_j = samples[_key("moesaic_device_energy_joules_total", device=device)]
+    attributed = [
+        samples[_key("moesaic_model_energy_joules_total", model=m, device=device)] for m in ("add", "probe")
+    ]
+    assert device_j > 0 and all(j > 0 for j in attributed)
+    assert _key("moesaic_device_idle_watts", device=device) in samples
+    assert samples[_key("moesaic_requests_expired_total", model="add")] == 0
     # requests by status code
     assert samples[_key("moesaic_requests_total", method="ModelInfer", code="OK")] == 4
     assert samples[_key("moesaic_requests_total", method="ModelInfer", code="INVALID_ARGUMENT")] == 1

@@ -44,7 +44,7 @@ async def test_every_datatype_round_trips(node: NodeServer, batch: int) -> None:
         got = result.outputs[f"{name}_out"]
         assert got.dtype == array.dtype and got.shape == array.shape
         np.testing.assert_array_equal(got, array)
-    assert result.compute_ms > 0 and result.energy_mj >= 0 and result.energy_source in ("rapl", "estimate")
+    assert result.compute_ms > 0 and result.energy_mj >= 0 and result.energy_source in ("rapl+attributed", "estimate+attributed")
 
 
 async def test_requested_outputs_and_parameters(node: NodeServer) -> None:
@@ -59,7 +59,14 @@ async def test_requested_outputs_and_parameters(node: NodeServer) -> None:
         )
     assert list(result.outputs) == ["total"] and float(result.outputs["total"]) == 12.0
     assert result.request_id == "r7"
-    assert set(result.parameters) == {"compute_ms", "energy_mj", "energy_source"}
+    assert set(result.parameters) == {
+        "compute_ms",
+        "queue_ms",
+        "energy_mj",
+        "energy_source",
+        "queue_depth",
+        "expected_wait_ms",
+    }
 
 
 def _stub(node: NodeServer) -> Any:

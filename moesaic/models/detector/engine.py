@@ -19,6 +19,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from moesaic.errors import InvalidInput
 from moesaic.runtime.engine import (
     Engine,
     EngineConfig,
@@ -90,7 +91,7 @@ class UltralyticsEngine(Engine):
         if not isinstance(det, UltralyticsDetector):
             raise EngineError("ultralytics engine is not loaded")
         if "image" not in inputs:
-            raise ValueError(f"missing input 'image'; got {sorted(inputs)}")
+            raise InvalidInput(f"missing input 'image'; got {sorted(inputs)}")
         dets = det.detect(inputs["image"])
         return {"boxes": dets.boxes, "scores": dets.scores, "class_ids": dets.class_ids}
 

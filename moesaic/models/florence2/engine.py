@@ -20,6 +20,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from moesaic.errors import InvalidInput
 from moesaic.models.florence2.model import Florence2Expert
 from moesaic.runtime.engine import (
     Engine,
@@ -60,16 +61,16 @@ def prompt_of(tensor: np.ndarray) -> str:
     """The one prompt string of a ``prompt`` BYTES tensor, or ``ValueError``."""
     arr = np.asarray(tensor)
     if arr.size != 1:
-        raise ValueError(f"prompt: expected exactly one string, got shape {list(arr.shape)}")
+        raise InvalidInput(f"prompt: expected exactly one string, got shape {list(arr.shape)}")
     value = arr.reshape(-1)[0]
     if isinstance(value, bytes | np.bytes_):
         try:
             return bytes(value).decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError("prompt: expected UTF-8 text") from None
+            raise InvalidInput("prompt: expected UTF-8 text") from None
     if isinstance(value, str):
         return value
-    raise ValueError(f"prompt: expected BYTES, got {arr.dtype}")
+    raise InvalidInput(f"prompt: expected BYTES, got {arr.dtype}")
 
 
 class Florence2Engine(Engine):
@@ -111,7 +112,7 @@ class Florence2Engine(Engine):
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = [s.name for s in FLORENCE2_INPUTS if s.name not in inputs]
         if missing:
-            raise ValueError(f"missing input(s) {missing}; Florence-2 takes 'image' and 'prompt'")
+            raise InvalidInput(f"missing input(s) {missing}; Florence-2 takes 'image' and 'prompt'")
         result = self.expert.run(np.asarray(inputs["image"]), prompt_of(inputs["prompt"]))
         dets = result.detections
         labels = np.array([dets.name_of(i).encode() for i in range(len(dets))], dtype=object)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from moesaic.errors import InvalidInput
 from moesaic.models.detections import Detections
 from moesaic.models.florence2.parsing import DETECTION_TASKS, TASKS, clean_text, parse_detections
 from moesaic.runtime.engine import EngineError, MissingExtraError
@@ -41,14 +42,14 @@ def check_prompt(prompt: str) -> tuple[str, str]:
         if prompt.startswith(task):
             rest = prompt[len(task) :].strip()
             if task == "<OPEN_VOCABULARY_DETECTION>" and not rest:
-                raise ValueError(
+                raise InvalidInput(
                     "prompt: <OPEN_VOCABULARY_DETECTION> needs the object to find, "
                     "e.g. '<OPEN_VOCABULARY_DETECTION>car'"
                 )
             if task != "<OPEN_VOCABULARY_DETECTION>" and rest:
-                raise ValueError(f"prompt: {task} takes no text after the task token, got {rest!r}")
+                raise InvalidInput(f"prompt: {task} takes no text after the task token, got {rest!r}")
             return task, rest
-    raise ValueError(
+    raise InvalidInput(
         f"prompt: expected one of {', '.join(TASKS)} (optionally followed by text), got {prompt[:60]!r}"
     )
 
@@ -123,7 +124,7 @@ class Florence2Expert:
         task, _ = check_prompt(prompt)
         arr = np.asarray(image)
         if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
-            raise ValueError(f"image: expected UINT8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
+            raise InvalidInput(f"image: expected UINT8 [H, W, 3], got {arr.dtype} {list(arr.shape)}")
         torch = self._torch
         inputs = self.processor(text=prompt.strip(), images=arr, return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items()}

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from moesaic.errors import Unavailable
 from moesaic.nodes.batching import BatchShare, DynamicBatcher, DynamicBatchingConfig, check_batchable
-from moesaic.rpc import UnavailableError
 from moesaic.runtime.engine import EngineDescription, EngineError, TensorSpec
 
 
@@ -177,7 +177,7 @@ def test_drain_sends_queued_requests_at_once_and_close_refuses_new_ones() -> Non
         batcher.drain()
         assert future.result(timeout=5).batch_rows == 1
     batcher.close()
-    with pytest.raises(UnavailableError, match="stopping"):
+    with pytest.raises(Unavailable, match="stopping"):
         batcher.submit({"x": np.ones((1, 2), np.float32)}, 1)
 
 

@@ -103,7 +103,7 @@ def test_dynamic_batching_loads_a_batching_model(tmp_path: Path) -> None:
     try:
         assert model.ready, model.error
         assert model.batcher is not None and model.batcher.config.max_batch_size == 4
-        share = model.infer_batched({"x": np.ones((2, 3), np.float32)}, {}, timeout=10)
+        share = model.batcher.submit({"x": np.ones((2, 3), np.float32)}, timeout=10)
         np.testing.assert_array_equal(share.outputs["y"], np.full((2, 3), 3, np.float32))
     finally:
         model.close()

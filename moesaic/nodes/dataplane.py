@@ -1,0 +1,243 @@
+"""The node's data plane: one transport-free path for every inference request.
+
+    validate (caller, :mod:`moesaic.nodes.validation`) -> queue -> batch -> pre-process
+        -> engine -> post-process -> account
+
+Transports (the gRPC servicer today) decode a request, hand the validated tensors to
+:meth:`DataPlane.infer` with the request's deadline, and encode the :class:`Reply`. Nothing
+here knows about gRPC. A model without dynamic batching waits in its
+:class:`~moesaic.nodes.scheduling.ModelQueue` (earliest deadline first; expired work is
+dropped before it starts, never computed); a model with it goes through its
+:class:`~moesaic.nodes.batching.DynamicBatcher`. Accounting is the device's
+:class:`~moesaic.runtime.cost.CostMeter`: the request's busy time (pre + engine share +
+post) is registered there and its energy is the model's attributed joules per busy second
+times that time; no meter is read on the request path.
+
+>>> # plane = DataPlane(models, cost, metrics)
+>>> # reply = plane.infer(plane.ready_model("yolo-n"), {"image": frame}, {}, deadline=t)
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from moesaic.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable, quote
+from moesaic.metrics import Metrics
+from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.scheduling import ModelQueue, QueueState, Ticket
+from moesaic.runtime.cost import CostMeter
+
+__all__ = ["DataPlane", "Reply", "Stages"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stages:
+    """Seconds of each stage of one request (engine: its share of the batch)."""
+
+    queue: float = 0.0
+    preprocess: float = 0.0
+    engine: float = 0.0
+    postprocess: float = 0.0
+
+    @property
+    def compute(self) -> float:
+        return self.preprocess + self.engine + self.postprocess
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What one request produced and cost, and the queue it leaves behind."""
+
+    outputs: dict[str, np.ndarray]
+    stages: Stages
+    energy_j: float
+    energy_source: str
+    queue: QueueState
+
+
+class DataPlane:
+    """Queue, batch, run and account the requests of a node's models."""
+
+    def __init__(self, models: Mapping[str, ServedModel], cost: CostMeter, metrics: Metrics) -> None:
+        self.models = models
+        self.cost = cost
+        self.metrics = metrics
+        self.queues = {name: ModelQueue(name, slots=m.spec.instances) for name, m in models.items()}
+        # Metric children looked up once (``labels()`` is slow).
+        self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
+        self._expired = {name: metrics.requests_expired.labels(model=name) for name in models}
+        self._last_done = dict.fromkeys(models, time.monotonic())
+
+    # -------------------------------------------------------------- lookup
+
+    def model(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            raise NotFound(f"model {quote(name)} not found; this node serves {sorted(self.models)}")
+        return model
+
+    def ready_model(self, name: str) -> ServedModel:
+        model = self.model(name)
+        if model.state != "ready":
+            detail = f": {model.error}" if model.error else ""
+            raise Unavailable(f"model {name!r} is {model.state}{detail}", reason=f"model_{model.state}")
+        return model
+
+    def queue_state(self, model: ServedModel) -> QueueState:
+        """Depth and expected wait of ``model``'s queue now."""
+        batcher = model.batcher
+        if batcher is not None:
+            return QueueState(batcher.queued(), batcher.expected_wait_s())
+        return self.queues[model.name].state()
+
+    def ticket(self, model: ServedModel, deadline: float | None) -> Ticket:
+        """A queue ticket for a request; a transport cancels it when the client goes away."""
+        return self.queues[model.name].ticket(deadline)
+
+    # -------------------------------------------------------------- the request path
+
+    def infer(
+        self,
+        model: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Any],
+        *,
+        requested: Sequence[str] = (),
+        deadline: float | None = None,
+        ticket: Ticket | None = None,
+    ) -> Reply:
+        """Run one validated request; :class:`DeadlineExceeded` when it expired before running."""
+        try:
+            if model.batcher is None:
+                outputs, stages = self._run_alone(model, inputs, parameters, deadline, ticket)
+            else:
+                outputs, stages = self._run_batched(model, inputs, parameters, deadline)
+        except DeadlineExceeded:
+            self._expired[model.name].inc()
+            raise
+        if requested:
+            outputs = _requested(model, outputs, requested)
+        self._latency[model.name].observe(stages.compute)
+        self._last_done[model.name] = time.monotonic()
+        return Reply(
+            outputs,
+            stages,
+            self.cost.energy_j(model.name, stages.compute),
+            self.cost.source,
+            self.queue_state(model),
+        )
+
+    def _run_alone(
+        self,
+        model: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Any],
+        deadline: float | None,
+        ticket: Ticket | None,
+    ) -> tuple[dict[str, np.ndarray], Stages]:
+        cost = self.cost
+        with self.queues[model.name].enter(deadline, ticket=ticket) as slot:
+            work = cost.begin(model.name)
+            try:
+                t0 = time.perf_counter()
+                engine_inputs, context = model.preprocess(inputs, parameters)
+                t1 = time.perf_counter()
+                raw = model.run(engine_inputs)
+                t2 = time.perf_counter()
+                outputs = model.postprocess(raw, context)
+                t3 = time.perf_counter()
+            finally:
+                cost.end(work)
+        return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2)
+
+    def _run_batched(
+        self,
+        model: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Any],
+        deadline: float | None,
+    ) -> tuple[dict[str, np.ndarray], Stages]:
+        batcher = model.batcher
+        assert batcher is not None
+        cost = self.cost
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded(f"model {model.name!r}: deadline passed before the request started")
+        work = cost.begin(model.name)
+        try:
+            t0 = time.perf_counter()
+            engine_inputs, context = model.preprocess(inputs, parameters)
+            t1 = time.perf_counter()
+        finally:
+            cost.end(work)
+        timeout = None if deadline is None else deadline - time.monotonic()
+        share = batcher.submit(engine_inputs, timeout)
+        queued = time.perf_counter() - t1 - share.seconds
+        work = cost.begin(model.name)
+        try:
+            t2 = time.perf_counter()
+            outputs = model.postprocess(share.outputs, context)
+            t3 = time.perf_counter()
+        finally:
+            cost.end(work)
+        return outputs, Stages(max(queued, 0.0), t1 - t0, share.seconds, t3 - t2)
+
+    # -------------------------------------------------------------- liveness
+
+    def stalled(self, limit_s: float) -> list[str]:
+        """Models whose engine has held one request longer than ``limit_s`` (hung)."""
+        hung = []
+        for name, model in self.models.items():
+            batcher = model.batcher
+            running = batcher.running_s() if batcher is not None else self.queues[name].oldest_running_s()
+            if running > limit_s:
+                hung.append(name)
+        return hung
+
+    def idle_models(self, quiet_s: float) -> list[ServedModel]:
+        """Ready models that finished no request for ``quiet_s`` and run none now (probe them)."""
+        now = time.monotonic()
+        return [
+            m
+            for name, m in self.models.items()
+            if m.ready
+            and now - self._last_done[name] >= quiet_s
+            and self.queue_state(m).depth == 0
+            and (m.batcher is None or m.batcher.running_s() == 0.0)
+        ]
+
+    def probe(self, model: ServedModel, timeout_s: float) -> None:
+        """Run the engine once on zeros of its inputs, through the model's queue (liveness)."""
+        deadline = time.monotonic() + timeout_s
+        feed = model.zero_inputs()
+        if model.batcher is not None:
+            model.batcher.submit(feed, timeout_s)
+        else:
+            with self.queues[model.name].enter(deadline):
+                work = self.cost.begin(model.name)
+                try:
+                    model.run(feed)
+                finally:
+                    self.cost.end(work)
+        self._last_done[model.name] = time.monotonic()
+
+
+def _requested(
+    model: ServedModel, outputs: dict[str, np.ndarray], requested: Sequence[str]
+) -> dict[str, np.ndarray]:
+    chosen = {}
+    for name in requested:
+        if name not in outputs:
+            raise InvalidInput(
+                f"output {quote(name)}: model {model.name!r} has no such output; has {sorted(outputs)}",
+                reason="unknown_output",
+            )
+        chosen[name] = outputs[name]
+    return chosen

@@ -1,0 +1,174 @@
+"""Each model's queue: a fixed number of requests run at once, the rest wait earliest deadline first.
+
+A request :meth:`ModelQueue.enter` s with its deadline (monotonic seconds, or None) and gets a
+:class:`Slot` when one frees up; the slot is handed straight to the waiting request with the
+earliest deadline (ties: first come). A request whose deadline passes while it waits leaves
+the queue with :class:`~moesaic.errors.DeadlineExceeded` and is never computed; one whose
+client went away (:meth:`Ticket.cancel`, from the transport's cancellation callback) leaves
+with :class:`~moesaic.errors.Cancelled`. :meth:`ModelQueue.state` says how deep the queue
+is and how long a request arriving now should expect to wait, from the running mean time a
+request holds its slot.
+
+>>> queue = ModelQueue("toy", slots=1)
+>>> with queue.enter(deadline=None) as slot:
+...     queue.state().depth
+1
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+
+from moesaic.errors import Cancelled, DeadlineExceeded
+
+__all__ = ["ModelQueue", "QueueState", "Slot", "Ticket"]
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """Requests running or waiting, and the expected wait of a request arriving now."""
+
+    depth: int
+    expected_wait_s: float
+
+
+class Ticket:
+    """A request's place in the queue; :meth:`cancel` takes it out (the client went away)."""
+
+    __slots__ = ("cancelled", "deadline", "event", "granted", "seq")
+
+    def __init__(self, deadline: float | None, seq: int) -> None:
+        self.deadline = deadline
+        self.seq = seq
+        self.event = threading.Event()
+        self.granted = False
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.event.set()
+
+    def __lt__(self, other: Ticket) -> bool:
+        mine = self.deadline if self.deadline is not None else float("inf")
+        theirs = other.deadline if other.deadline is not None else float("inf")
+        return (mine, self.seq) < (theirs, other.seq)
+
+
+class Slot:
+    """A running request; leaving the ``with`` block (or :meth:`release`) frees the slot."""
+
+    __slots__ = ("_queue", "queued_s", "released", "started")
+
+    def __init__(self, queue: ModelQueue, queued_s: float) -> None:
+        self._queue = queue
+        self.queued_s = queued_s
+        self.started = time.monotonic()
+        self.released = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self._queue._leave(self)
+
+    def __enter__(self) -> Slot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class ModelQueue:
+    """``slots`` requests of one model run at once; the others wait, earliest deadline first."""
+
+    def __init__(self, name: str, *, slots: int = 1) -> None:
+        if slots < 1:
+            raise ValueError(f"slots: must be >= 1, got {slots}")
+        self.name = name
+        self.slots = slots
+        self._lock = threading.Lock()
+        self._free = slots
+        self._waiting: list[Ticket] = []
+        self._seq = itertools.count()
+        self._running: dict[int, float] = {}  # id(slot) -> start, for the hang check
+        self._service_s = 0.0  # running mean of the time a request holds its slot
+        self._served = 0
+
+    def ticket(self, deadline: float | None) -> Ticket:
+        """A ticket to pass to :meth:`enter` (make it first to hook up cancellation)."""
+        return Ticket(deadline, next(self._seq))
+
+    def enter(self, deadline: float | None = None, *, ticket: Ticket | None = None) -> Slot:
+        """Wait for a slot; :class:`DeadlineExceeded` if ``deadline`` passes first."""
+        ticket = ticket or self.ticket(deadline)
+        arrived = time.monotonic()
+        if ticket.deadline is not None and ticket.deadline <= arrived:
+            raise self._expired(0.0)
+        with self._lock:
+            if ticket.cancelled:
+                raise Cancelled(f"model {self.name!r}: the client cancelled the request")
+            if self._free and not self._waiting:
+                self._free -= 1
+                return self._start(0.0)
+            heapq.heappush(self._waiting, ticket)
+        timeout = None if ticket.deadline is None else max(ticket.deadline - time.monotonic(), 0.0)
+        ticket.event.wait(timeout)
+        with self._lock:
+            now = time.monotonic()
+            waited = now - arrived
+            if ticket.granted:
+                if not ticket.cancelled and (ticket.deadline is None or now < ticket.deadline):
+                    return self._start(waited)
+                self._hand_over()  # the slot it was given goes to the next request
+            else:
+                self._waiting.remove(ticket)
+                heapq.heapify(self._waiting)
+        if ticket.cancelled:
+            raise Cancelled(f"model {self.name!r}: the client cancelled the request")
+        raise self._expired(waited)
+
+    def _start(self, queued_s: float) -> Slot:
+        slot = Slot(self, queued_s)
+        self._running[id(slot)] = slot.started
+        return slot
+
+    def _leave(self, slot: Slot) -> None:
+        held = time.monotonic() - slot.started
+        with self._lock:
+            self._running.pop(id(slot), None)
+            self._served += 1
+            self._service_s = held if self._served == 1 else 0.8 * self._service_s + 0.2 * held
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give a free slot to the most urgent waiting request (lock held)."""
+        while self._waiting:
+            ticket = heapq.heappop(self._waiting)
+            if ticket.cancelled:
+                continue
+            ticket.granted = True
+            ticket.event.set()
+            return
+        self._free += 1
+
+    def _expired(self, waited: float) -> DeadlineExceeded:
+        return DeadlineExceeded(
+            f"model {self.name!r}: deadline passed after {waited * 1e3:.1f} ms in the queue; not computed",
+            reason="expired_in_queue",
+        )
+
+    def state(self) -> QueueState:
+        """Depth (running + waiting) and the wait a request arriving now should expect."""
+        with self._lock:
+            running, waiting = len(self._running), len(self._waiting)
+        ahead = running + waiting - self.slots + 1
+        return QueueState(running + waiting, max(ahead, 0) * self._service_s / self.slots)
+
+    def oldest_running_s(self) -> float:
+        """Seconds the longest-running request has held its slot (0 when none runs)."""
+        with self._lock:
+            starts = list(self._running.values())
+        return time.monotonic() - min(starts) if starts else 0.0

@@ -1,0 +1,235 @@
+"""Validation at the node's boundary: a ``ModelInferRequest`` becomes checked tensors or an error.
+
+Everything a client sends is checked here before any work: the model exists and is ready,
+every input is one the model declares, with its datatype, a shape it accepts, bytes that match
+the shape, a batch within ``max_batch_size``; floating-point inputs of point clouds
+(``points``) hold finite values; requested outputs exist; ``deadline_ms`` is a positive
+number. Every failure is :class:`~moesaic.errors.InvalidInput` (or ``NotFound`` /
+``Unavailable`` for the model) naming the field. Decoding errors of the protobuf header are
+``InvalidInput`` too: a mutated request is the client's fault, never INTERNAL.
+
+Requests shaped like an earlier one take a fast path: a :class:`Plan` per header bytes (same
+model, names, datatypes, shapes, parameters; no request id) skips protobuf parsing and the
+per-input checks, leaving a length check and a view per input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from moesaic.errors import InvalidInput, quote
+from moesaic.nodes.codec import decode_tensor, from_parameters, split_message, tensor_from_contents
+from moesaic.nodes.repository import ServedModel
+from moesaic.proto import inference_pb2
+
+__all__ = ["DEADLINE_PARAMETER", "Decoded", "RequestValidator", "validate_inputs"]
+
+DEADLINE_PARAMETER = "deadline_ms"
+"""Request parameter: milliseconds the client will wait (for clients that cannot set a gRPC deadline)."""
+
+POINT_INPUTS = frozenset({"points"})
+"""Inputs holding point clouds: their values must be finite."""
+
+
+Accepted = dict[tuple[str, str, tuple[int, ...]], tuple[np.dtype[Any], int]]
+"""Input signatures (name, datatype, shape) already validated for one model: dtype, byte length."""
+
+_ACCEPTED_LIMIT = 256
+
+
+def validate_inputs(
+    model: ServedModel, header: Any, raws: Sequence[memoryview], accepted: Accepted | None = None
+) -> dict[str, np.ndarray]:
+    """Input arrays of a request, checked against the model's inputs; :class:`InvalidInput` naming it.
+
+    ``accepted`` (one dict per model, kept by the caller) remembers raw input signatures that
+    passed, so a request shaped like an earlier one is checked with one lookup per input.
+    """
+    if accepted is not None and raws and len(raws) == len(header.inputs):
+        out: dict[str, np.ndarray] = {}
+        for tensor, raw in zip(header.inputs, raws, strict=True):
+            shape = tuple(tensor.shape)
+            known = accepted.get((tensor.name, tensor.datatype, shape))
+            if known is None or len(raw) != known[1] or tensor.name in out:
+                break  # the full check below says what is wrong (or learns this signature)
+            out[tensor.name] = np.frombuffer(raw, dtype=known[0]).reshape(shape)
+        else:
+            if len(out) == len(model.input_specs):
+                return out
+    out = _check_inputs(model, header, raws)
+    if accepted is not None and raws:
+        if len(accepted) >= _ACCEPTED_LIMIT:
+            accepted.clear()
+        for tensor, raw in zip(header.inputs, raws, strict=True):
+            if tensor.datatype != "BYTES":
+                accepted[(tensor.name, tensor.datatype, tuple(tensor.shape))] = (
+                    out[tensor.name].dtype,
+                    len(raw),
+                )
+    return out
+
+
+def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -> dict[str, np.ndarray]:
+    specs = model.input_specs
+    tensors = header.inputs
+    if raws and len(raws) != len(tensors):
+        raise InvalidInput(f"raw_input_contents holds {len(raws)} entries for {len(tensors)} inputs")
+    max_batch = model.spec.max_batch_size
+    out: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(tensors):
+        name = tensor.name
+        spec = specs.get(name)
+        if spec is None:
+            raise InvalidInput(
+                f"input {quote(name)}: model {model.name!r} has no such input; expected {sorted(specs)}"
+            )
+        if name in out:
+            raise InvalidInput(f"input {quote(name)}: given twice")
+        if tensor.datatype != spec.datatype:
+            raise InvalidInput(
+                f"input {quote(name)}: datatype {tensor.datatype or '(empty)'}; expected {spec.datatype}"
+            )
+        shape = tuple(tensor.shape)
+        if not spec.accepts_shape(shape):
+            raise InvalidInput(
+                f"input {quote(name)}: shape {list(shape)}; expected {list(spec.shape)} (-1 = any size)"
+            )
+        if max_batch and shape and shape[0] > max_batch:
+            raise InvalidInput(f"input {quote(name)}: batch {shape[0]} exceeds max_batch_size {max_batch}")
+        if raws:
+            out[name] = decode_tensor(name, spec.datatype, shape, raws[i])
+        else:
+            out[name] = tensor_from_contents(name, spec.datatype, shape, tensor.contents)
+    if len(out) != len(specs):
+        missing = sorted(specs.keys() - out.keys())
+        raise InvalidInput(f"inputs {missing} missing; model {model.name!r} needs {sorted(specs)}")
+    return out
+
+
+class Plan:
+    """What one request header resolves to, kept so that the next request with the same header
+    bytes (same model, tensor names, datatypes, shapes, parameters; no request id) skips
+    protobuf parsing and validation: each input then costs a length check and a view."""
+
+    __slots__ = ("model", "model_version", "parameters", "requested", "specs", "tensors")
+
+    def __init__(self, model: ServedModel, header: Any, inputs: Mapping[str, np.ndarray], raws: Any) -> None:
+        self.model = model
+        self.specs = model.input_specs  # a reload builds a new dict: the plan then no longer applies
+        self.tensors = tuple(
+            (t.name, inputs[t.name].dtype, tuple(t.shape), len(raw))
+            for t, raw in zip(header.inputs, raws, strict=True)
+        )
+        self.parameters = from_parameters(header.parameters) if header.parameters else None
+        self.requested = tuple(out.name for out in header.outputs)
+        self.model_version: str = header.model_version
+
+    def bind(self, raws: Sequence[memoryview]) -> dict[str, np.ndarray] | None:
+        """The request's input views, or None when the plan does not fit (then parse in full)."""
+        model = self.model
+        if model.state != "ready" or model.input_specs is not self.specs or len(raws) != len(self.tensors):
+            return None
+        inputs = {}
+        for (name, dtype, shape, nbytes), raw in zip(self.tensors, raws, strict=True):
+            if len(raw) != nbytes:
+                return None
+            inputs[name] = np.frombuffer(raw, dtype=dtype).reshape(shape)
+        return inputs
+
+
+_PLAN_LIMIT = 256
+_PLAN_HEADER_BYTES = 4096
+
+
+@dataclass
+class Decoded:
+    """One request after validation: what the data plane needs, and what the reply echoes."""
+
+    model: ServedModel
+    inputs: dict[str, np.ndarray]
+    parameters: dict[str, Any]
+    requested: Sequence[str]
+    request_id: str
+    model_version: str
+    deadline_ms: float | None
+
+
+class RequestValidator:
+    """Turns ``ModelInfer`` wire bytes into a :class:`Decoded` request, caching what it learnt."""
+
+    def __init__(self, ready_model: Callable[[str], ServedModel]) -> None:
+        self._ready_model = ready_model
+        self._accepted: dict[str, tuple[Mapping[str, Any], Accepted]] = {}
+        self._plans: dict[bytes, Plan] = {}
+
+    def decode(self, data: bytes, raw_field: int) -> Decoded:
+        header_bytes, raws = split_message(data, raw_field)
+        plan = self._plans.get(header_bytes)
+        inputs = plan.bind(raws) if plan is not None else None
+        if inputs is not None and plan is not None:
+            parameters = dict(plan.parameters) if plan.parameters else {}
+            requested: Sequence[str] = plan.requested
+            request_id, model_version, model = "", plan.model_version, plan.model
+        else:
+            try:
+                header = inference_pb2.ModelInferRequest.FromString(header_bytes)
+            except DecodeError as exc:
+                raise InvalidInput(f"malformed ModelInferRequest: {exc}", reason="malformed") from None
+            model = self._ready_model(header.model_name)
+            inputs = validate_inputs(model, header, raws, self._accepted_for(model))
+            self._remember(header_bytes, header, model, inputs, raws)
+            parameters = from_parameters(header.parameters) if header.parameters else {}
+            requested = [out.name for out in header.outputs]
+            request_id, model_version = header.id, header.model_version
+        for name in POINT_INPUTS & inputs.keys():
+            array = inputs[name]
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise InvalidInput(f"input {name!r}: holds NaN or infinite values", reason="not_finite")
+        deadline_ms = _deadline_ms(parameters.pop(DEADLINE_PARAMETER, None)) if parameters else None
+        return Decoded(model, inputs, parameters, requested, request_id, model_version, deadline_ms)
+
+    def _accepted_for(self, model: ServedModel) -> Accepted:
+        """The model's cache of validated input signatures (new after a reload)."""
+        entry = self._accepted.get(model.name)
+        if entry is None or entry[0] is not model.input_specs:
+            entry = self._accepted[model.name] = (model.input_specs, {})
+        return entry[1]
+
+    def _remember(
+        self,
+        header_bytes: bytes,
+        header: Any,
+        model: ServedModel,
+        inputs: Mapping[str, np.ndarray],
+        raws: Any,
+    ) -> None:
+        if (
+            raws
+            and not header.id
+            and len(header_bytes) <= _PLAN_HEADER_BYTES
+            and all(t.datatype != "BYTES" for t in header.inputs)
+        ):
+            plans = self._plans
+            if len(plans) >= _PLAN_LIMIT:
+                plans.clear()
+            plans[header_bytes] = Plan(model, header, inputs, raws)
+
+
+def _deadline_ms(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except (TypeError, ValueError):
+        ms = float("nan")
+    if not ms > 0 or ms == float("inf"):
+        raise InvalidInput(
+            f"parameter {DEADLINE_PARAMETER!r}: expected milliseconds > 0, got {str(value)[:32]!r}",
+            reason="bad_parameter",
+        )
+    return ms

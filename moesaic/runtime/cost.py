@@ -1,0 +1,331 @@
+"""One cost meter per device: attributed dynamic energy of every inference.
+
+A :class:`CostMeter` is the only reader of a device's energy source (an
+:class:`~moesaic.runtime.energy.EnergyMeter`: NVML, Jetson INA3221, RAPL or an estimate). It
+samples the source on a thread of its own every ``interval_s``, learns the device's idle
+draw, and splits each interval's **dynamic** energy (the source's delta minus idle power x
+time) among the work that ran in it, in proportion to each piece's busy time there. So
+
+    Σ attributed energy + idle x time = the source's delta   (counters that step coarsely,
+                                                              like NVML's, telescope)
+
+and a request costs the same whether it ran alone or beside others: overlapping work shares
+one interval's joules instead of each piece counting them all. Nothing on the request path
+reads the source: work is registered with :meth:`CostMeter.begin` / :meth:`CostMeter.end`
+(a lock and a dict entry), and a reply's figure comes from :meth:`CostMeter.energy_j`, the
+model's running joules per busy second times the request's busy seconds.
+
+Idle is learned from stretches of at least ``idle_window_s`` with no work (the interval
+right after work is skipped: counters lag); until one is seen, the lowest power of any such
+window stands in. A fixed ``idle_watts`` skips learning. With an estimate source there is no
+idle to learn: the estimate's watts are charged for the time any work runs (the union of
+busy spans, so overlap is not counted twice).
+
+>>> from moesaic.runtime.energy import EstimateMeter
+>>> with CostMeter(EstimateMeter(20.0), device="cpu", interval_s=0.01) as cost:
+...     work = cost.begin("toy")
+...     busy = cost.end(work)
+...     cost.source
+'estimate+attributed'
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import statistics
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from moesaic.runtime.energy import EnergyMeter, EstimateMeter
+
+__all__ = ["CostMeter", "CostSnapshot", "IntervalReport", "Work"]
+
+log = logging.getLogger(__name__)
+
+_IDLE_SAMPLES = 16
+_DONE_LIMIT = 100_000
+
+
+@dataclass(frozen=True)
+class Work:
+    """A piece of work registered with :meth:`CostMeter.begin`: which model, since when."""
+
+    id: int
+    model: str
+    start: float
+
+
+@dataclass(frozen=True)
+class IntervalReport:
+    """What one closed interval added: the source's joules, idle power, joules per model."""
+
+    seconds: float
+    device_joules: float
+    idle_watts: float
+    attributed: Mapping[str, float]
+
+
+@dataclass
+class CostSnapshot:
+    """Totals since the meter started (all joules)."""
+
+    seconds: float = 0.0
+    device_joules: float = 0.0
+    idle_watts: float = 0.0
+    dynamic_joules: float = 0.0
+    unattributed_joules: float = 0.0
+    attributed: dict[str, float] = field(default_factory=dict)
+    busy_seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def attributed_joules(self) -> float:
+        return sum(self.attributed.values())
+
+
+class CostMeter:
+    """Samples one energy source and attributes dynamic energy to the work that ran."""
+
+    def __init__(
+        self,
+        source: EnergyMeter,
+        *,
+        device: str,
+        interval_s: float = 0.1,
+        idle_watts: float | None = None,
+        idle_window_s: float = 1.0,
+        memory_s: float = 3.0,
+        on_interval: Callable[[IntervalReport], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        own_source: bool = True,
+    ) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"interval_s: must be > 0, got {interval_s}")
+        self.device = device
+        self.meter = source
+        self.estimate_watts = source.watts if isinstance(source, EstimateMeter) else None
+        self.source = f"{source.source}+attributed"
+        self.measured = source.measured
+        self.interval_s = interval_s
+        self._fixed_idle = idle_watts
+        self._idle_window = idle_window_s
+        self._memory = memory_s
+        self._on_interval = on_interval
+        self._clock = clock
+        self._own_source = own_source
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._inflight: dict[int, Work] = {}
+        self._done: deque[tuple[str, float, float]] = deque()
+        # Running joules and busy seconds per model (decayed): the figure replies carry.
+        self._rate: dict[str, tuple[float, float]] = {}
+        self._idle_samples: deque[float] = deque(maxlen=_IDLE_SAMPLES)
+        self._lowest_window: float | None = None
+        self._quiet = (0.0, 0.0)  # joules, seconds of the current stretch without work
+        self._window = (0.0, 0.0)  # joules, seconds of the current window (any load)
+        self._held: list[tuple[float, float, float]] = []  # intervals waiting for an idle figure
+        self._was_busy = True
+        self.totals = CostSnapshot(idle_watts=idle_watts or 0.0)
+        self._last_time = clock()
+        self._last_joules = source.joules()
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"cost-{device}", daemon=True)
+        self._thread.start()
+
+    # -------------------------------------------------------------- request side
+
+    def begin(self, model: str) -> Work:
+        """Register work of ``model`` starting now; pass the result to :meth:`end`."""
+        work = Work(next(self._ids), model, self._clock())
+        with self._lock:
+            self._inflight[work.id] = work
+        return work
+
+    def end(self, work: Work) -> float:
+        """The work is over; returns its busy seconds."""
+        now = self._clock()
+        with self._lock:
+            self._inflight.pop(work.id, None)
+            if len(self._done) < _DONE_LIMIT:
+                self._done.append((work.model, work.start, now))
+        return now - work.start
+
+    def energy_j(self, model: str, busy_s: float) -> float:
+        """Attributed joules of ``busy_s`` seconds of ``model``'s work, at its running rate.
+
+        Before the model's first interval closes, the device's running rate over all models
+        stands in (0 before any interval closed).
+        """
+        rate = self._rate.get(model)
+        if rate is None or rate[1] <= 0:
+            rates = list(self._rate.values())  # one C-level copy: the sampler may add a model
+            rate = (sum(r[0] for r in rates), sum(r[1] for r in rates))
+        return busy_s * rate[0] / rate[1] if rate[1] > 0 else 0.0
+
+    @property
+    def idle_watts(self) -> float:
+        """The idle draw in use now (learned or configured); 0 for an estimate source."""
+        if self._fixed_idle is not None:
+            return self._fixed_idle
+        if self.estimate_watts is not None:
+            return 0.0
+        if self._idle_samples:
+            return statistics.median(self._idle_samples)
+        return self._lowest_window if self._lowest_window is not None else math.nan
+
+    def snapshot(self) -> CostSnapshot:
+        """A copy of the totals since start."""
+        with self._lock:
+            t = self.totals
+            return CostSnapshot(
+                t.seconds,
+                t.device_joules,
+                t.idle_watts,
+                t.dynamic_joules,
+                t.unattributed_joules,
+                dict(t.attributed),
+                dict(t.busy_seconds),
+            )
+
+    # -------------------------------------------------------------- sampler thread
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self) -> None:
+        """Close the current interval now (the thread calls this every ``interval_s``)."""
+        try:
+            joules = self.meter.joules()
+        except Exception as exc:  # a failing read skips this tick, the next one catches up
+            if not self._warned:
+                log.warning("cost meter %s: reading %s failed: %s", self.device, self.meter.source, exc)
+                self._warned = True
+            return
+        now = self._clock()
+        start, self._last_time = self._last_time, now
+        delta, self._last_joules = joules - self._last_joules, joules
+        if now > start:
+            self._close(start, now, delta)
+
+    def _close(self, start: float, end: float, joules: float) -> None:
+        with self._lock:
+            busy = self._busy_in(start, end)
+        self._learn_idle(start, end, joules, busy)
+        self._held.append((start, end, joules))
+        idle = self.idle_watts
+        if math.isnan(idle):
+            return  # no idle figure yet: hold the intervals until there is one
+        held, self._held = self._held, []
+        for a, b, j in held:
+            with self._lock:
+                spans = busy if (a, b) == (start, end) else self._busy_in(a, b)
+                report = self._attribute(a, b, j, idle, spans)
+                self._forget_before(b)
+            if self._on_interval is not None:
+                try:
+                    self._on_interval(report)
+                except Exception:
+                    log.exception("cost meter %s: interval observer failed", self.device)
+
+    def _busy_in(self, a: float, b: float) -> dict[str, list[tuple[float, float]]]:
+        """Busy spans of each model inside [a, b] (work still running counts up to b)."""
+        spans: dict[str, list[tuple[float, float]]] = {}
+        for model, s, e in self._done:
+            if e > a and s < b:
+                spans.setdefault(model, []).append((max(s, a), min(e, b)))
+        for work in self._inflight.values():
+            if work.start < b:
+                spans.setdefault(work.model, []).append((max(work.start, a), b))
+        return spans
+
+    def _learn_idle(
+        self, a: float, b: float, joules: float, busy: Mapping[str, list[tuple[float, float]]]
+    ) -> None:
+        seconds = b - a
+        wj, ws = self._window[0] + joules, self._window[1] + seconds
+        if ws >= self._idle_window:
+            watts = wj / ws
+            self._lowest_window = watts if self._lowest_window is None else min(self._lowest_window, watts)
+            wj, ws = 0.0, 0.0
+        self._window = (wj, ws)
+        if busy or self._was_busy:
+            self._was_busy = bool(busy)
+            self._quiet = (0.0, 0.0)
+            return
+        qj, qs = self._quiet[0] + joules, self._quiet[1] + seconds
+        if qs >= self._idle_window:
+            self._idle_samples.append(qj / qs)
+            qj, qs = 0.0, 0.0
+        self._quiet = (qj, qs)
+
+    def _attribute(
+        self, a: float, b: float, joules: float, idle: float, spans: Mapping[str, list[tuple[float, float]]]
+    ) -> IntervalReport:
+        seconds = b - a
+        busy = {m: sum(e - s for s, e in parts) for m, parts in spans.items()}
+        total_busy = sum(busy.values())
+        if self.estimate_watts is not None:
+            dynamic = self.estimate_watts * _union([p for parts in spans.values() for p in parts])
+        else:
+            dynamic = joules - idle * seconds
+        t = self.totals
+        t.seconds += seconds
+        t.device_joules += joules
+        t.idle_watts = idle
+        t.dynamic_joules += dynamic
+        attributed: dict[str, float] = {}
+        if total_busy <= 0:
+            t.unattributed_joules += dynamic
+        else:
+            for model, b_m in busy.items():
+                share = dynamic * b_m / total_busy
+                attributed[model] = share
+                t.attributed[model] = t.attributed.get(model, 0.0) + share
+                t.busy_seconds[model] = t.busy_seconds.get(model, 0.0) + b_m
+        d = math.exp(-seconds / self._memory)
+        for model in self._rate.keys() | attributed.keys():
+            j, s = self._rate.get(model, (0.0, 0.0))
+            self._rate[model] = (j * d + attributed.get(model, 0.0), s * d + busy.get(model, 0.0))
+        return IntervalReport(seconds, joules, idle, attributed)
+
+    def _forget_before(self, t: float) -> None:
+        done = self._done
+        if done and all(e <= t for _, _, e in done):
+            done.clear()
+        elif len(done) > 1024:
+            self._done = deque(x for x in done if x[2] > t)
+
+    # -------------------------------------------------------------- lifecycle
+
+    def close(self) -> None:
+        """Close the last interval, stop the thread, close the source if this meter owns it."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.sample()
+        if self._own_source:
+            self.meter.close()
+
+    def __enter__(self) -> CostMeter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _union(spans: list[tuple[float, float]]) -> float:
+    """Length of the union of ``spans``."""
+    total, reach = 0.0, -math.inf
+    for s, e in sorted(spans):
+        if e <= reach:
+            continue
+        total += e - max(s, reach)
+        reach = e
+    return total
