@@ -1,6 +1,6 @@
 """What a node adds on top of gRPC itself: one ONNX identity model behind four servers.
 
-    python bench/node_overhead.py                      # all four, 1 KB and 4 MB
+    python bench/node_overhead.py                      # all four, 1.5 KB and 1 MiB
     python bench/node_overhead.py --skip-mlserver      # without building .venv-mlserver
 
 (a) in-process engine call (ONNX Runtime, no RPC)
@@ -23,7 +23,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from onnx import TensorProto, helper
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.record import machine, write_results  # noqa: E402
 from moesaic.nodes.codec import (  # noqa: E402
     decode_request,
     decode_response,
@@ -251,13 +251,13 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=1000, help="requests per target per size at 1 KB")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (samples are pooled)")
     parser.add_argument("--skip-mlserver", action="store_true")
-    parser.add_argument("--out", type=Path, help="write results as JSON")
+    parser.add_argument("--out", type=Path, help="results JSON (default bench/results/node_overhead.json)")
     args = parser.parse_args()
     if args.serve_echo:
         serve_echo(args.serve_echo)
         return 0
 
-    sizes = {"1 KB": 1024, "4 MB": 4 << 20}
+    sizes = {"1.5 KB": 1536, "1 MiB": 1 << 20}
     tmp = Path(tempfile.mkdtemp(prefix="node-overhead-"))
     models = tmp / "models"
     write_model(models / "echo")
@@ -303,7 +303,7 @@ def main() -> int:
         for label, nbytes in sizes.items():
             array = np.random.default_rng(1).random(nbytes // 4, dtype=np.float32)
             request = encode_request("echo", {"x": array})
-            iterations = args.iterations if nbytes <= 4096 else max(args.iterations // 10, 50)
+            iterations = args.iterations if nbytes <= 4096 else max(args.iterations // 5, 100)
             res = results[label] = {"engine": [], **{t: [] for t in targets}}
             for t in targets:
                 check_reply(t, calls[t](request, timeout=30), array)
@@ -317,9 +317,7 @@ def main() -> int:
 
     names = {"engine": "(a) in-process engine", "echo": "(b) gRPC echo (floor)", "node": "(c) moesaic node",
              "mlserver": "(d) MLServer 1.7.1"}  # fmt: skip
-    cpu = platform.processor() or platform.machine()
-    machine = f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
-    summary: dict[str, Any] = {"machine": machine, "sizes": {}}
+    summary: dict[str, Any] = {"machine": machine(), "sizes": {}}
     lines = [
         "| payload | server | p50 (us) | p99 (us) | p50 / floor | p99 / floor |",
         "|---|---|---:|---:|---:|---:|",
@@ -342,8 +340,7 @@ def main() -> int:
         f"{copies['encode_alloc_bytes'] / 1e6:.1f} MB (the one reply buffer gRPC sends)."
     )
     print(f"machine: {summary['machine']}")
-    if args.out:
-        args.out.write_text(json.dumps(summary, indent=2))
+    print(f"raw results: {write_results('node_overhead', summary, out=args.out)}")
     return 0
 
 

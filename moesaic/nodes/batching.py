@@ -383,7 +383,10 @@ class DynamicBatcher:
                 outputs = self._run(inputs)
             finally:
                 self._running_since = None
-                seconds = cost.end(work) if cost and work else time.monotonic() - start
+                # its requests complete in their own threads (post-processing)
+                seconds = (
+                    cost.end(work, inferences=0) if cost and work is not None else time.monotonic() - start
+                )
             self.engine_calls += 1
             self._batch_s = seconds if self.engine_calls == 1 else 0.8 * self._batch_s + 0.2 * seconds
             if len(batch) > 1:
@@ -396,7 +399,7 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail(batch, total, exc)
             return
-        joules = cost.energy_j(self.name, seconds) if cost else 0.0
+        joules = cost.energy_j(self.name) * len(batch) if cost else 0.0
         if self._on_batch is not None:
             try:
                 self._on_batch(total, len(batch))

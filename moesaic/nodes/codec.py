@@ -211,6 +211,13 @@ def _parameter_field(tag: bytes, key: str, value: Any) -> bytes:
             entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
             prefix = _remember(_DOUBLE_PREFIX, key, tag + _varint_bytes(len(entry) + 8) + entry)
         return prefix + _DOUBLE(value)
+    if type(value) is int and 0 <= value < 1024:  # small counts (queue depth): whole entry cached
+        field = _PARAMETER_FIELDS.get((key, int, value))
+        if field is None:
+            param = b"\x10" + _int64_bytes(value)
+            entry = _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
+            field = _remember(_PARAMETER_FIELDS, (key, int, value), entry)
+        return field
     if isinstance(value, bool):
         param = b"\x08\x01" if value else b"\x08\x00"
     elif isinstance(value, int):

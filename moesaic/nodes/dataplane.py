@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 from moesaic.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable, quote
 from moesaic.metrics import Metrics
 from moesaic.nodes.repository import ServedModel
-from moesaic.nodes.scheduling import ModelQueue, QueueState, Ticket
+from moesaic.nodes.scheduling import ModelQueue, QueueState
 from moesaic.runtime.cost import CostMeter
 
 __all__ = ["DataPlane", "Reply", "Stages"]
@@ -38,7 +38,7 @@ __all__ = ["DataPlane", "Reply", "Stages"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Stages:
     """Seconds of each stage of one request (engine: its share of the batch)."""
 
@@ -52,7 +52,7 @@ class Stages:
         return self.preprocess + self.engine + self.postprocess
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Reply:
     """What one request produced and cost, and the queue it leaves behind."""
 
@@ -98,10 +98,6 @@ class DataPlane:
             return QueueState(batcher.queued(), batcher.expected_wait_s())
         return self.queues[model.name].state()
 
-    def ticket(self, model: ServedModel, deadline: float | None) -> Ticket:
-        """A queue ticket for a request; a transport cancels it when the client goes away."""
-        return self.queues[model.name].ticket(deadline)
-
     # -------------------------------------------------------------- the request path
 
     def infer(
@@ -112,12 +108,16 @@ class DataPlane:
         *,
         requested: Sequence[str] = (),
         deadline: float | None = None,
-        ticket: Ticket | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> Reply:
-        """Run one validated request; :class:`DeadlineExceeded` when it expired before running."""
+        """Run one validated request; :class:`DeadlineExceeded` when it expired before running.
+
+        ``deadline``: monotonic seconds; ``alive``: asked while the request waits in the queue,
+        False once its client went away (the request then leaves, never computed).
+        """
         try:
             if model.batcher is None:
-                outputs, stages = self._run_alone(model, inputs, parameters, deadline, ticket)
+                outputs, stages = self._run_alone(model, inputs, parameters, deadline, alive)
             else:
                 outputs, stages = self._run_batched(model, inputs, parameters, deadline)
         except DeadlineExceeded:
@@ -130,7 +130,7 @@ class DataPlane:
         return Reply(
             outputs,
             stages,
-            self.cost.energy_j(model.name, stages.compute),
+            self.cost.energy_j(model.name),
             self.cost.source,
             self.queue_state(model),
         )
@@ -141,10 +141,10 @@ class DataPlane:
         inputs: Mapping[str, np.ndarray],
         parameters: Mapping[str, Any],
         deadline: float | None,
-        ticket: Ticket | None,
+        alive: Callable[[], bool] | None,
     ) -> tuple[dict[str, np.ndarray], Stages]:
         cost = self.cost
-        with self.queues[model.name].enter(deadline, ticket=ticket) as slot:
+        with self.queues[model.name].enter(deadline, alive=alive) as slot:
             work = cost.begin(model.name)
             try:
                 t0 = time.perf_counter()
@@ -176,7 +176,7 @@ class DataPlane:
             engine_inputs, context = model.preprocess(inputs, parameters)
             t1 = time.perf_counter()
         finally:
-            cost.end(work)
+            cost.end(work, inferences=0)
         timeout = None if deadline is None else deadline - time.monotonic()
         share = batcher.submit(engine_inputs, timeout)
         queued = time.perf_counter() - t1 - share.seconds
@@ -225,7 +225,7 @@ class DataPlane:
                 try:
                     model.run(feed)
                 finally:
-                    self.cost.end(work)
+                    self.cost.end(work, inferences=0)
         self._last_done[model.name] = time.monotonic()
 
 

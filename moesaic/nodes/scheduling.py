@@ -1,12 +1,13 @@
 """Each model's queue: a fixed number of requests run at once, the rest wait earliest deadline first.
 
-A request :meth:`ModelQueue.enter` s with its deadline (monotonic seconds, or None) and gets a
-:class:`Slot` when one frees up; the slot is handed straight to the waiting request with the
-earliest deadline (ties: first come). A request whose deadline passes while it waits leaves
-the queue with :class:`~moesaic.errors.DeadlineExceeded` and is never computed; one whose
-client went away (:meth:`Ticket.cancel`, from the transport's cancellation callback) leaves
-with :class:`~moesaic.errors.Cancelled`. :meth:`ModelQueue.state` says how deep the queue
-is and how long a request arriving now should expect to wait, from the running mean time a
+A request calls :meth:`ModelQueue.enter` with its deadline (monotonic seconds, or None) and
+gets a :class:`Slot` when one frees up; the slot is handed straight to the waiting request
+with the earliest deadline (ties: first come). A request whose deadline passes while it waits
+leaves the queue with :class:`~moesaic.errors.DeadlineExceeded` and is never computed; one
+whose client went away (``alive()`` says False) leaves with :class:`~moesaic.errors.Cancelled`.
+A request that finds a free slot takes it with one lock and no allocation besides its slot.
+:meth:`ModelQueue.state` says how deep the queue is and how long a request arriving now should
+expect to wait, from the running mean time a
 request holds its slot.
 
 >>> queue = ModelQueue("toy", slots=1)
@@ -21,14 +22,15 @@ import heapq
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from moesaic.errors import Cancelled, DeadlineExceeded
 
-__all__ = ["ModelQueue", "QueueState", "Slot", "Ticket"]
+__all__ = ["ModelQueue", "QueueState", "Slot"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class QueueState:
     """Requests running or waiting, and the expected wait of a request arriving now."""
 
@@ -37,7 +39,7 @@ class QueueState:
 
 
 class Ticket:
-    """A request's place in the queue; :meth:`cancel` takes it out (the client went away)."""
+    """A waiting request's place in the queue; :meth:`cancel` takes it out."""
 
     __slots__ = ("cancelled", "deadline", "event", "granted", "seq")
 
@@ -84,6 +86,9 @@ class Slot:
 class ModelQueue:
     """``slots`` requests of one model run at once; the others wait, earliest deadline first."""
 
+    poll_s = 0.05
+    """How often a waiting request checks that its client is still there."""
+
     def __init__(self, name: str, *, slots: int = 1) -> None:
         if slots < 1:
             raise ValueError(f"slots: must be >= 1, got {slots}")
@@ -97,30 +102,35 @@ class ModelQueue:
         self._service_s = 0.0  # running mean of the time a request holds its slot
         self._served = 0
 
-    def ticket(self, deadline: float | None) -> Ticket:
-        """A ticket to pass to :meth:`enter` (make it first to hook up cancellation)."""
-        return Ticket(deadline, next(self._seq))
+    def enter(self, deadline: float | None = None, *, alive: Callable[[], bool] | None = None) -> Slot:
+        """Wait for a slot; :class:`DeadlineExceeded` if ``deadline`` passes first.
 
-    def enter(self, deadline: float | None = None, *, ticket: Ticket | None = None) -> Slot:
-        """Wait for a slot; :class:`DeadlineExceeded` if ``deadline`` passes first."""
-        ticket = ticket or self.ticket(deadline)
+        ``alive`` (optional) is asked every ``poll_s`` while the request waits: once it says
+        False (the client went away) the request leaves with :class:`Cancelled`.
+        """
         arrived = time.monotonic()
-        if ticket.deadline is not None and ticket.deadline <= arrived:
+        if deadline is not None and deadline <= arrived:
             raise self._expired(0.0)
         with self._lock:
-            if ticket.cancelled:
-                raise Cancelled(f"model {self.name!r}: the client cancelled the request")
             if self._free and not self._waiting:
                 self._free -= 1
                 return self._start(0.0)
+            ticket = Ticket(deadline, next(self._seq))
             heapq.heappush(self._waiting, ticket)
-        timeout = None if ticket.deadline is None else max(ticket.deadline - time.monotonic(), 0.0)
-        ticket.event.wait(timeout)
+        while not ticket.event.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            wait = self.poll_s if left is None else min(left, self.poll_s)
+            if ticket.event.wait(wait if alive is not None else left):
+                break
+            if alive is not None and not alive():
+                ticket.cancel()
         with self._lock:
             now = time.monotonic()
             waited = now - arrived
             if ticket.granted:
-                if not ticket.cancelled and (ticket.deadline is None or now < ticket.deadline):
+                if not ticket.cancelled and (deadline is None or now < deadline):
                     return self._start(waited)
                 self._hand_over()  # the slot it was given goes to the next request
             else:
@@ -162,8 +172,7 @@ class ModelQueue:
 
     def state(self) -> QueueState:
         """Depth (running + waiting) and the wait a request arriving now should expect."""
-        with self._lock:
-            running, waiting = len(self._running), len(self._waiting)
+        running, waiting = len(self._running), len(self._waiting)  # len() needs no lock
         ahead = running + waiting - self.slots + 1
         return QueueState(running + waiting, max(ahead, 0) * self._service_s / self.slots)
 

@@ -145,6 +145,7 @@ class NodeServer:
             return
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
+        self.cost.relearn_idle()  # loading worked the device while no request ran
         self._loaded.set()
 
     def _load_one(self, model: ServedModel) -> None:

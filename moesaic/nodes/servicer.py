@@ -109,17 +109,13 @@ class InferenceServicer:
         try:
             request = self.validator.decode(data, RAW_INPUT_FIELD)
             deadline = _deadline(context.time_remaining(), request.deadline_ms)
-            ticket = None
-            if request.model.batcher is None:
-                ticket = self.plane.ticket(request.model, deadline)
-                context.add_callback(ticket.cancel)  # runs when the call ends, cancelled or not
             reply = self.plane.infer(
                 request.model,
                 request.inputs,
                 request.parameters,
                 requested=request.requested,
                 deadline=deadline,
-                ticket=ticket,
+                alive=context.is_active,
             )
             stages = reply.stages
             data_out = encode_response(
@@ -146,11 +142,11 @@ class InferenceServicer:
 
 def _deadline(time_remaining: float | None, deadline_ms: float | None) -> float | None:
     """The request's deadline (monotonic seconds): the earlier of gRPC's and ``deadline_ms``."""
+    if time_remaining is None and deadline_ms is None:
+        return None
     now = time.monotonic()
-    candidates = [now + time_remaining] if time_remaining is not None else []
-    if deadline_ms is not None:
-        candidates.append(now + deadline_ms / 1e3)
-    return min(candidates) if candidates else None
+    grpc_deadline = now + time_remaining if time_remaining is not None else float("inf")
+    return min(grpc_deadline, now + deadline_ms / 1e3) if deadline_ms is not None else grpc_deadline
 
 
 class NodeServicer(moesaic_pb2_grpc.NodeServicer):

@@ -12,19 +12,21 @@ time) among the work that ran in it, in proportion to each piece's busy time the
 and a request costs the same whether it ran alone or beside others: overlapping work shares
 one interval's joules instead of each piece counting them all. Nothing on the request path
 reads the source: work is registered with :meth:`CostMeter.begin` / :meth:`CostMeter.end`
-(a lock and a dict entry), and a reply's figure comes from :meth:`CostMeter.energy_j`, the
-model's running joules per busy second times the request's busy seconds.
+(a dict entry and a deque append), and a reply's figure comes from :meth:`CostMeter.energy_j`,
+the model's attributed joules per completed request over the last few seconds (a request's
+own busy time is too noisy on shared CPUs to scale it by).
 
 Idle is learned from stretches of at least ``idle_window_s`` with no work (the interval
-right after work is skipped: counters lag); until one is seen, the lowest power of any such
-window stands in. A fixed ``idle_watts`` skips learning. With an estimate source there is no
-idle to learn: the estimate's watts are charged for the time any work runs (the union of
-busy spans, so overlap is not counted twice).
+right after work is skipped: counters lag), pooled over the last few; until one is seen, the
+lowest power of any window of that length stands in (an upper bound: it may hold work). A
+fixed ``idle_watts`` skips learning. With an estimate source there is no idle to learn: the
+estimate's watts are charged for the time any work runs (the union of busy spans, so overlap
+is not counted twice).
 
 >>> from moesaic.runtime.energy import EstimateMeter
 >>> with CostMeter(EstimateMeter(20.0), device="cpu", interval_s=0.01) as cost:
-...     work = cost.begin("toy")
-...     busy = cost.end(work)
+...     token = cost.begin("toy")
+...     busy = cost.end(token, inferences=1)
 ...     cost.source
 'estimate+attributed'
 """
@@ -34,7 +36,6 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import statistics
 import threading
 import time
 from collections import deque
@@ -43,21 +44,12 @@ from dataclasses import dataclass, field
 
 from moesaic.runtime.energy import EnergyMeter, EstimateMeter
 
-__all__ = ["CostMeter", "CostSnapshot", "IntervalReport", "Work"]
+__all__ = ["CostMeter", "CostSnapshot", "IntervalReport"]
 
 log = logging.getLogger(__name__)
 
 _IDLE_SAMPLES = 16
 _DONE_LIMIT = 100_000
-
-
-@dataclass(frozen=True)
-class Work:
-    """A piece of work registered with :meth:`CostMeter.begin`: which model, since when."""
-
-    id: int
-    model: str
-    start: float
 
 
 @dataclass(frozen=True)
@@ -119,11 +111,12 @@ class CostMeter:
         self._own_source = own_source
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._inflight: dict[int, Work] = {}
-        self._done: deque[tuple[str, float, float]] = deque()
-        # Running joules and busy seconds per model (decayed): the figure replies carry.
+        self._inflight: dict[int, tuple[str, float]] = {}
+        self._done: deque[tuple[str, float, float]] = deque()  # model, start, end
+        self._completed: deque[tuple[str, float]] = deque()  # model, requests; drained per interval
+        # Running joules and completed requests per model (decayed): the figure replies carry.
         self._rate: dict[str, tuple[float, float]] = {}
-        self._idle_samples: deque[float] = deque(maxlen=_IDLE_SAMPLES)
+        self._idle_samples: deque[tuple[float, float]] = deque(maxlen=_IDLE_SAMPLES)  # joules, seconds
         self._lowest_window: float | None = None
         self._quiet = (0.0, 0.0)  # joules, seconds of the current stretch without work
         self._window = (0.0, 0.0)  # joules, seconds of the current window (any load)
@@ -139,33 +132,43 @@ class CostMeter:
 
     # -------------------------------------------------------------- request side
 
-    def begin(self, model: str) -> Work:
-        """Register work of ``model`` starting now; pass the result to :meth:`end`."""
-        work = Work(next(self._ids), model, self._clock())
-        with self._lock:
-            self._inflight[work.id] = work
-        return work
+    def begin(self, model: str) -> int:
+        """Register work of ``model`` starting now; pass the token to :meth:`end`.
 
-    def end(self, work: Work) -> float:
-        """The work is over; returns its busy seconds."""
+        No lock: a dict store and (in :meth:`end`) a pop and a deque append are atomic in
+        CPython, and the sampler thread reads copies.
+        """
+        token = next(self._ids)
+        self._inflight[token] = (model, self._clock())
+        return token
+
+    def end(self, token: int, *, inferences: float = 1.0) -> float:
+        """The work is over; returns its busy seconds.
+
+        ``inferences``: how many requests this work completes (0 for a part of one, such as a
+        batched request's pre-processing, or for a batch whose requests finish later).
+        """
         now = self._clock()
-        with self._lock:
-            self._inflight.pop(work.id, None)
-            if len(self._done) < _DONE_LIMIT:
-                self._done.append((work.model, work.start, now))
-        return now - work.start
+        model, start = self._inflight.pop(token)
+        if len(self._done) < _DONE_LIMIT:
+            self._done.append((model, start, now))
+        if inferences:
+            self._completed.append((model, inferences))
+        return now - start
 
-    def energy_j(self, model: str, busy_s: float) -> float:
-        """Attributed joules of ``busy_s`` seconds of ``model``'s work, at its running rate.
+    def energy_j(self, model: str) -> float:
+        """Attributed joules of one of ``model``'s requests: its running figure per request.
 
-        Before the model's first interval closes, the device's running rate over all models
-        stands in (0 before any interval closed).
+        The figure is the model's attributed energy over the requests it completed, decayed
+        over ``memory_s``: stable per request, while the attribution itself follows busy time.
+        Before the model's first interval closes, the device's figure over all models stands
+        in (0 before any interval closed).
         """
         rate = self._rate.get(model)
         if rate is None or rate[1] <= 0:
             rates = list(self._rate.values())  # one C-level copy: the sampler may add a model
             rate = (sum(r[0] for r in rates), sum(r[1] for r in rates))
-        return busy_s * rate[0] / rate[1] if rate[1] > 0 else 0.0
+        return rate[0] / rate[1] if rate[1] > 0 else 0.0
 
     @property
     def idle_watts(self) -> float:
@@ -175,8 +178,18 @@ class CostMeter:
         if self.estimate_watts is not None:
             return 0.0
         if self._idle_samples:
-            return statistics.median(self._idle_samples)
+            # Pooled, not a median of window powers: a coarse counter's steps split unevenly
+            # between consecutive windows, and pooling lets those errors cancel.
+            samples = list(self._idle_samples)
+            return sum(j for j, _ in samples) / sum(s for _, s in samples)
         return self._lowest_window if self._lowest_window is not None else math.nan
+
+    def relearn_idle(self) -> None:
+        """Forget the idle samples so far (e.g. taken while models were loading, which works
+        the device without registering work); the lowest window stands in until new ones."""
+        self._idle_samples.clear()
+        self._quiet = (0.0, 0.0)
+        self._was_busy = True
 
     def snapshot(self) -> CostSnapshot:
         """A copy of the totals since start."""
@@ -222,10 +235,12 @@ class CostMeter:
         if math.isnan(idle):
             return  # no idle figure yet: hold the intervals until there is one
         held, self._held = self._held, []
-        for a, b, j in held:
+        completed = self._drain_completed()
+        for i, (a, b, j) in enumerate(held):
+            last = i == len(held) - 1
             with self._lock:
                 spans = busy if (a, b) == (start, end) else self._busy_in(a, b)
-                report = self._attribute(a, b, j, idle, spans)
+                report = self._attribute(a, b, j, idle, spans, completed if last else {})
                 self._forget_before(b)
             if self._on_interval is not None:
                 try:
@@ -236,13 +251,22 @@ class CostMeter:
     def _busy_in(self, a: float, b: float) -> dict[str, list[tuple[float, float]]]:
         """Busy spans of each model inside [a, b] (work still running counts up to b)."""
         spans: dict[str, list[tuple[float, float]]] = {}
-        for model, s, e in self._done:
+        for model, s, e in list(self._done):  # copies: request threads append meanwhile
             if e > a and s < b:
                 spans.setdefault(model, []).append((max(s, a), min(e, b)))
-        for work in self._inflight.values():
-            if work.start < b:
-                spans.setdefault(work.model, []).append((max(work.start, a), b))
+        for model, s in list(self._inflight.values()):
+            if s < b:
+                spans.setdefault(model, []).append((max(s, a), b))
         return spans
+
+    def _drain_completed(self) -> dict[str, float]:
+        """Requests completed since the last call, per model (each counted exactly once)."""
+        completed: dict[str, float] = {}
+        queue = self._completed
+        while queue:
+            model, n = queue.popleft()
+            completed[model] = completed.get(model, 0.0) + n
+        return completed
 
     def _learn_idle(
         self, a: float, b: float, joules: float, busy: Mapping[str, list[tuple[float, float]]]
@@ -260,12 +284,18 @@ class CostMeter:
             return
         qj, qs = self._quiet[0] + joules, self._quiet[1] + seconds
         if qs >= self._idle_window:
-            self._idle_samples.append(qj / qs)
+            self._idle_samples.append((qj, qs))
             qj, qs = 0.0, 0.0
         self._quiet = (qj, qs)
 
     def _attribute(
-        self, a: float, b: float, joules: float, idle: float, spans: Mapping[str, list[tuple[float, float]]]
+        self,
+        a: float,
+        b: float,
+        joules: float,
+        idle: float,
+        spans: Mapping[str, list[tuple[float, float]]],
+        completed: Mapping[str, float],
     ) -> IntervalReport:
         seconds = b - a
         busy = {m: sum(e - s for s, e in parts) for m, parts in spans.items()}
@@ -290,16 +320,15 @@ class CostMeter:
                 t.busy_seconds[model] = t.busy_seconds.get(model, 0.0) + b_m
         d = math.exp(-seconds / self._memory)
         for model in self._rate.keys() | attributed.keys():
-            j, s = self._rate.get(model, (0.0, 0.0))
-            self._rate[model] = (j * d + attributed.get(model, 0.0), s * d + busy.get(model, 0.0))
+            j, n = self._rate.get(model, (0.0, 0.0))
+            self._rate[model] = (j * d + attributed.get(model, 0.0), n * d + completed.get(model, 0.0))
         return IntervalReport(seconds, joules, idle, attributed)
 
     def _forget_before(self, t: float) -> None:
+        """Drop finished spans that end before ``t`` (oldest first; appends go on meanwhile)."""
         done = self._done
-        if done and all(e <= t for _, _, e in done):
-            done.clear()
-        elif len(done) > 1024:
-            self._done = deque(x for x in done if x[2] > t)
+        while done and done[0][2] <= t:
+            done.popleft()
 
     # -------------------------------------------------------------- lifecycle
 
