@@ -20,6 +20,7 @@ __all__ = [
     "ConvNet",
     "write_torch_add_model",
     "write_torch_conv_model",
+    "write_torch_mlp_model",
 ]
 
 ADD_INPUTS = (TensorSpec("x", "FP32", (-1, 4)),)
@@ -44,6 +45,44 @@ class ConvNet(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = torch.relu(self.conv(x))
         return y, y.mean(dim=(2, 3))
+
+
+class Mlp(torch.nn.Module):
+    """``x [N, 256]`` -> ``depth`` square layers of ``width`` -> ``y [N, 16]``: compute-bound."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        layers: list[torch.nn.Module] = [torch.nn.Linear(256, width), torch.nn.ReLU()]
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+        layers.append(torch.nn.Linear(width, 16))
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def write_torch_mlp_model(
+    root: Path,
+    name: str,
+    *,
+    width: int = 4096,
+    depth: int = 6,
+    rows: int = 512,
+    model_yaml: str | None = None,
+) -> Path:
+    """Folder ``root/name``: :class:`Mlp` as TorchScript on ``x [rows, 256]`` (static: CUDA graphs)."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    model = Mlp(width, depth).eval()
+    inputs = (TensorSpec("x", "FP32", (rows, 256)),)
+    outputs = (TensorSpec("y", "FP32", (rows, 16)),)
+    traced = torch.jit.trace(model, torch.zeros(rows, 256))
+    save_torch_model(traced, folder / "model.ts", inputs=inputs, outputs=outputs)
+    if model_yaml is not None:
+        (folder / "model.yaml").write_text(model_yaml)
+    return folder
 
 
 def write_torch_add_model(root: Path, name: str, fmt: str, *, model_yaml: str | None = None) -> Path:
