@@ -12,8 +12,10 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,11 +25,11 @@ from moesaic.nodes.server import NodeServer
 __all__ = ["ClientsRun", "EnergyRun", "measure_energy"]
 
 _CLIENTS = """
-import base64, json, sys, threading, time
+import json, sys, threading, time
 import grpc, numpy as np
 from moesaic.nodes.codec import decode_response, encode_request
-address, model, clients, seconds, dtype, shape, data = sys.argv[1:8]
-array = np.frombuffer(base64.b64decode(data), dtype=dtype).reshape(json.loads(shape))
+address, model, clients, seconds, path = sys.argv[1:6]
+array = np.load(path)
 request = encode_request(model, {"x": array})
 figures, lock, stop_at = [], threading.Lock(), time.monotonic() + float(seconds)
 def client():
@@ -93,13 +95,13 @@ class EnergyRun:
 
 
 def _clients(address: str, model: str, array: np.ndarray, clients: int, seconds: float) -> ClientsRun:
-    import base64
-
-    args = [address, model, str(clients), str(seconds), array.dtype.str, json.dumps(list(array.shape))]
-    args.append(base64.b64encode(np.ascontiguousarray(array).tobytes()).decode())
-    done = subprocess.run(
-        [sys.executable, "-c", _CLIENTS, *args], capture_output=True, text=True, timeout=seconds + 120
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "input.npy"
+        np.save(path, array)
+        args = [address, model, str(clients), str(seconds), str(path)]
+        done = subprocess.run(
+            [sys.executable, "-c", _CLIENTS, *args], capture_output=True, text=True, timeout=seconds + 120
+        )
     if done.returncode:
         raise RuntimeError(f"clients failed: {done.stderr[-2000:]}")
     figures = json.loads(done.stdout)
