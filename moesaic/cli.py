@@ -19,6 +19,7 @@ from moesaic import __version__
 
 _COMMAND_MODULES = (
     "moesaic.nodes.commands",
+    "moesaic.nodes.profiling",
     "moesaic.runtime.commands",
     "moesaic.coordinator.commands",
     "moesaic.ingest.commands",

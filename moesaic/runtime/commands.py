@@ -23,35 +23,13 @@ import numpy as np
 
 from moesaic.runtime.engine import EngineError, MissingExtraError, TensorSpec, dtype_of
 
-__all__ = ["register", "synthetic_inputs"]
+__all__ = ["parse_batches", "parse_shapes", "register", "synthetic_inputs"]
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add ``profile`` and ``build-engine`` to the ``moesaic`` command."""
-    p = subparsers.add_parser("profile", help="measure latency, throughput and energy of each model")
-    p.add_argument("--models", type=Path, required=True, help="model repository (one folder per model)")
-    p.add_argument("--model", action="append", default=None, help="profile only this model (repeatable)")
-    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
-    p.add_argument("--runs", type=int, default=50, help="timed inferences per batch size (default: 50)")
-    p.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default: 5)")
-    p.add_argument("--device", default="auto", help="cpu, cuda:N, jetson or auto (default: auto)")
-    p.add_argument(
-        "--idle-seconds", type=float, default=2.0, help="idle draw measured for this long (default: 2)"
-    )
-    p.add_argument(
-        "--min-seconds",
-        type=float,
-        default=2.0,
-        help="run at least this long when energy is measured (default: 2)",
-    )
-    p.add_argument(
-        "--shape", action="append", default=[], metavar="NAME=DxDx..", help="input shape (repeatable)"
-    )
-    p.add_argument("--out", type=Path, default=Path("profile.json"), help="profile file to write")
-    p.set_defaults(func=_profile_command)
-
+    """Add ``build-engine`` to the ``moesaic`` command (``profile``: :mod:`moesaic.nodes.profiling`)."""
     b = subparsers.add_parser("build-engine", help="build a TensorRT plan from ONNX for this GPU")
     b.add_argument("onnx", type=Path, help="model.onnx")
     b.add_argument("--out", type=Path, required=True, help="plan file to write (e.g. model.plan)")
@@ -66,7 +44,7 @@ def register(subparsers: Any) -> None:
 # ---------------------------------------------------------------- profile
 
 
-def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
+def parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     shapes = {}
     for item in items:
         name, sep, dims = item.partition("=")
@@ -79,7 +57,7 @@ def _parse_shapes(items: list[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _parse_batches(text: str) -> list[int]:
+def parse_batches(text: str) -> list[int]:
     try:
         batches = [int(b) for b in text.split(",") if b.strip()]
     except ValueError:
@@ -116,119 +94,6 @@ def synthetic_inputs(
         else:
             raise ValueError(f"input {spec.name!r}: cannot synthesise {spec.datatype} inputs")
     return out
-
-
-def _profile_command(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from rich.table import Table
-
-    from moesaic.nodes.repository import scan_models
-    from moesaic.runtime.devices import discover_device
-    from moesaic.runtime.energy import open_meter
-    from moesaic.runtime.profiler import ProfileRecord, profile_engine, write_profile_file
-
-    console = Console(stderr=True)
-    try:
-        batches = _parse_batches(args.batch)
-        shapes = _parse_shapes(args.shape)
-        if args.runs < 1:
-            raise ValueError(f"--runs: must be >= 1, got {args.runs}")
-        models = scan_models(args.models)
-        if args.model:
-            unknown = sorted(set(args.model) - {m.name for m in models})
-            if unknown:
-                raise LookupError(f"--model: {unknown} not in {args.models} (has {[m.name for m in models]})")
-            models = [m for m in models if m.name in args.model]
-        device = discover_device(args.device)
-    except (ValueError, LookupError) as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
-        return 2
-
-    records: list[ProfileRecord] = []
-    failed = 0
-    with open_meter(device) as meter:
-        label = "measured" if meter.measured else "ESTIMATED"
-        console.print(f"device {device.id} ({device.name}); energy: {meter.source} ({label})")
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-        ) as bar:
-            for served in models:
-                served.load(device)
-                engine = served.engine
-                if engine is None:
-                    console.print(f"[red]{escape(served.name)}: failed to load: {escape(served.error)}[/red]")
-                    failed += 1
-                    continue
-                try:
-                    specs = engine.describe().inputs
-                    for batch in batches:
-                        inputs = synthetic_inputs(specs, batch, shapes)
-                        if inputs is None:
-                            console.print(f"{served.name}: batch {batch} skipped (fixed batch dimension)")
-                            continue
-                        task = bar.add_task(f"{served.name} batch {batch}", total=args.runs)
-
-                        def advance(i: int, task: Any = task) -> None:
-                            bar.update(task, completed=min(i, args.runs))
-
-                        record = profile_engine(
-                            engine,
-                            inputs,
-                            runs=args.runs,
-                            warmup=args.warmup,
-                            meter=meter,
-                            idle_s=args.idle_seconds,
-                            min_duration_s=args.min_seconds if meter.measured else 0.0,
-                            model=served.name,
-                            device=device.id,
-                            batch_size=batch,
-                            on_run=advance,
-                        )
-                        records.append(record)
-                except (ValueError, EngineError) as exc:
-                    console.print(f"[red]{escape(served.name)}: profiling failed: {escape(str(exc))}[/red]")
-                    failed += 1
-                finally:
-                    served.close()
-
-    write_profile_file(args.out, records)
-    table = Table(title=f"profile on {device.name} ({device.id})")
-    for col in (
-        "model",
-        "engine",
-        "batch",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "items/s",
-        "mJ/inference",
-        "idle W",
-        "energy",
-    ):
-        table.add_column(col, justify="left" if col in ("model", "engine", "energy") else "right")
-    for r in records:
-        table.add_row(
-            r.model,
-            r.engine,
-            str(r.batch_size),
-            f"{r.latency_ms.p50:.2f}",
-            f"{r.latency_ms.p95:.2f}",
-            f"{r.latency_ms.p99:.2f}",
-            f"{r.throughput_per_s:.1f}",
-            f"{r.energy_mj_per_inference:.1f}",
-            f"{r.idle_watts:.1f}",
-            r.energy_source,
-        )
-    out = Console()
-    (out if out.is_terminal else Console(width=160)).print(table)
-    console.print(f"wrote {len(records)} record(s) to {args.out}")
-    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------- build-engine

@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,9 @@ class ProfileRecord:
     energy_mj_per_inference: float
     idle_watts: float
     energy_source: str
+    stages_ms: Mapping[str, float] = field(default_factory=dict)
+    """Median milliseconds of each stage on the node's path (codec, preprocess, engine,
+    postprocess); empty for an engine-only profile."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -99,6 +102,9 @@ class ProfileRecord:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["latency_ms"] = dict(self.latency_ms)
+        data["stages_ms"] = dict(self.stages_ms)
+        if not self.stages_ms:  # an engine-only profile: files read as before
+            del data["stages_ms"]
         return data
 
     @classmethod
@@ -107,7 +113,7 @@ class ProfileRecord:
         if not isinstance(data, Mapping):
             raise ValueError(f"{where}: expected an object, got {type(data).__name__}")
         expected = {f for f in cls.__dataclass_fields__}
-        missing, unknown = expected - set(data), set(data) - expected
+        missing, unknown = expected - set(data) - {"stages_ms"}, set(data) - expected
         if missing or unknown:
             raise ValueError(f"{where}: missing fields {sorted(missing)}, unknown fields {sorted(unknown)}")
         try:
@@ -118,6 +124,12 @@ class ProfileRecord:
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where}.latency_ms: {exc}") from None
         values: dict[str, Any] = {"latency_ms": quantiles}
+        stages = data.get("stages_ms", {})
+        if not isinstance(stages, Mapping) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in stages.values()
+        ):
+            raise ValueError(f"{where}.stages_ms: expected an object of stage -> milliseconds")
+        values["stages_ms"] = {str(k): float(v) for k, v in stages.items()}
         for name, kind in (("model", str), ("device", str), ("engine", str), ("energy_source", str)):
             if not isinstance(data[name], kind):
                 raise ValueError(f"{where}.{name}: expected a string, got {data[name]!r}")

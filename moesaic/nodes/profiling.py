@@ -1,0 +1,248 @@
+"""``moesaic profile``: what each model costs on this device, timed on the path the node runs.
+
+A profile that timed the engine alone would under-predict: the node also decodes the request,
+pre-processes, post-processes and encodes the reply. So each call here is a node request
+without the socket: the request bytes a client would send, decoded and validated by
+:class:`~moesaic.nodes.validation.RequestValidator`, run by the node's
+:class:`~moesaic.nodes.dataplane.DataPlane` (queue, pre-process, engine, post-process) and
+encoded as the reply. Energy comes from the same :class:`~moesaic.runtime.cost.CostMeter`
+the node uses: the model's attributed dynamic energy over the timed calls, after the meter
+learnt the idle draw. Each record's ``latency_ms`` is the compute a node reports as
+``compute_ms`` (pre + engine + post), the figure the coordinator later compares against;
+``stages_ms`` gives each stage's median, codec included.
+
+    moesaic profile --models models --device cuda:0 --batch 1,4 --out profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_request, encode_response
+from moesaic.nodes.dataplane import DataPlane, Stages
+from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.validation import RequestValidator
+from moesaic.runtime.profiler import LatencyQuantiles, ProfileRecord
+
+__all__ = ["profile_served", "register"]
+
+
+def profile_served(
+    plane: DataPlane,
+    model: ServedModel,
+    inputs: Mapping[str, np.ndarray],
+    *,
+    runs: int,
+    warmup: int,
+    idle_s: float = 2.0,
+    min_duration_s: float = 0.0,
+    on_run: Callable[[int], None] | None = None,
+) -> ProfileRecord:
+    """Time ``runs`` (at least; more until ``min_duration_s``) node-path calls of ``model``.
+
+    1. ``warmup`` untimed calls; 2. ``idle_s`` with no work, so the cost meter learns the
+    idle draw; 3. the timed calls; 4. a pause for the meter's last intervals to close.
+    """
+    if runs < 1:
+        raise ValueError(f"runs: must be >= 1, got {runs}")
+    request = encode_request(model.name, dict(inputs))
+    validator = RequestValidator(plane.ready_model)
+    first = next(iter(inputs.values()), None)
+    batch = int(first.shape[0]) if first is not None and first.ndim > 0 else 1
+    cost = plane.cost
+
+    def call() -> tuple[float, Stages]:
+        """One request; (seconds in the codec, the data plane's stages)."""
+        t0 = time.perf_counter()
+        decoded = validator.decode(request, RAW_INPUT_FIELD)
+        t1 = time.perf_counter()
+        reply = plane.infer(decoded.model, decoded.inputs, decoded.parameters)
+        t2 = time.perf_counter()
+        encode_response(model.name, reply.outputs, parameters={"energy_mj": reply.energy_j * 1e3})
+        return (t1 - t0) + (time.perf_counter() - t2), reply.stages
+
+    for _ in range(warmup):
+        call()
+    if idle_s > 0:
+        time.sleep(idle_s)
+    before = cost.snapshot().attributed.get(model.name, 0.0)
+    codec: list[float] = []
+    pre: list[float] = []
+    engine: list[float] = []
+    post: list[float] = []
+    compute: list[float] = []
+    start = time.perf_counter()
+    while len(compute) < runs or time.perf_counter() - start < min_duration_s:
+        codec_s, stages = call()
+        codec.append(codec_s * 1e3)
+        pre.append(stages.preprocess * 1e3)
+        engine.append(stages.engine * 1e3)
+        post.append(stages.postprocess * 1e3)
+        compute.append(stages.compute * 1e3)
+        if on_run is not None:
+            on_run(len(compute))
+    elapsed = time.perf_counter() - start
+    time.sleep(3 * cost.interval_s)  # the intervals holding the last calls close
+    attributed = cost.snapshot().attributed.get(model.name, 0.0) - before
+    idle = cost.idle_watts
+    return ProfileRecord(
+        model=model.name,
+        device=model.device,
+        engine=model.engine_type,
+        batch_size=batch,
+        latency_ms=LatencyQuantiles.of(compute),
+        throughput_per_s=len(compute) * batch / elapsed,
+        energy_mj_per_inference=max(attributed, 0.0) / len(compute) * 1e3,
+        idle_watts=0.0 if idle != idle else idle,  # NaN: not learnt (no idle stretch yet)
+        energy_source=cost.meter.source,
+        stages_ms={
+            "codec": statistics.median(codec),
+            "preprocess": statistics.median(pre),
+            "engine": statistics.median(engine),
+            "postprocess": statistics.median(post),
+        },
+    )
+
+
+# ---------------------------------------------------------------- the command
+
+
+def register(subparsers: Any) -> None:
+    """Add ``profile`` to the ``moesaic`` command."""
+    p = subparsers.add_parser(
+        "profile", help="measure each model's latency, throughput and energy on the node's own path"
+    )
+    p.add_argument("--models", type=Path, required=True, help="model repository (one folder per model)")
+    p.add_argument("--model", action="append", default=None, help="profile only this model (repeatable)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
+    p.add_argument("--runs", type=int, default=50, help="timed inferences per batch size (default: 50)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed inferences first (default: 5)")
+    p.add_argument("--device", default="auto", help="cpu, cuda:N, jetson or auto (default: auto)")
+    p.add_argument(
+        "--idle-seconds", type=float, default=2.0, help="no work this long first: the idle draw (default: 2)"
+    )
+    p.add_argument(
+        "--min-seconds",
+        type=float,
+        default=2.0,
+        help="run at least this long when energy is measured (default: 2)",
+    )
+    p.add_argument(
+        "--shape", action="append", default=[], metavar="NAME=DxDx..", help="input shape (repeatable)"
+    )
+    p.add_argument("--out", type=Path, default=Path("profile.json"), help="profile file to write")
+    p.set_defaults(func=_profile_command)
+
+
+def _profile_command(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from moesaic.metrics import Metrics
+    from moesaic.nodes.repository import scan_models
+    from moesaic.runtime.commands import parse_batches, parse_shapes, synthetic_inputs
+    from moesaic.runtime.cost import CostMeter
+    from moesaic.runtime.devices import discover_device
+    from moesaic.runtime.energy import open_meter
+    from moesaic.runtime.profiler import write_profile_file
+
+    console = Console(stderr=True)
+    try:
+        batches = parse_batches(args.batch)
+        shapes = parse_shapes(args.shape)
+        if args.runs < 1:
+            raise ValueError(f"--runs: must be >= 1, got {args.runs}")
+        models = scan_models(args.models)
+        if args.model:
+            unknown = sorted(set(args.model) - {m.name for m in models})
+            if unknown:
+                raise LookupError(f"--model: {unknown} not in {args.models} (has {[m.name for m in models]})")
+            models = [m for m in models if m.name in args.model]
+        device = discover_device(args.device)
+    except (ValueError, LookupError) as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 2
+
+    records: list[ProfileRecord] = []
+    failed = 0
+    with CostMeter(open_meter(device), device=device.id) as cost:
+        label = "measured" if cost.measured else "ESTIMATED"
+        console.print(f"device {device.id} ({device.name}); energy: {cost.source} ({label})")
+        plane = DataPlane({m.name: m for m in models}, cost, Metrics(component="profile"))
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+        with Progress(*columns, console=console, disable=not console.is_terminal) as bar:
+            for served in models:
+                served.load(device, cost=cost)
+                if not served.ready:
+                    console.print(f"[red]{escape(served.name)}: failed to load: {escape(served.error)}[/red]")
+                    failed += 1
+                    continue
+                try:
+                    for batch in batches:
+                        inputs = synthetic_inputs(served.inputs, batch, shapes)
+                        if inputs is None:
+                            console.print(f"{served.name}: batch {batch} skipped (fixed batch dimension)")
+                            continue
+                        task = bar.add_task(f"{served.name} batch {batch}", total=args.runs)
+
+                        def advance(i: int, task: Any = task) -> None:
+                            bar.update(task, completed=min(i, args.runs))
+
+                        records.append(
+                            profile_served(
+                                plane,
+                                served,
+                                inputs,
+                                runs=args.runs,
+                                warmup=args.warmup,
+                                idle_s=args.idle_seconds,
+                                min_duration_s=args.min_seconds if cost.measured else 0.0,
+                                on_run=advance,
+                            )
+                        )
+                except (ValueError, RuntimeError) as exc:
+                    console.print(f"[red]{escape(served.name)}: profiling failed: {escape(str(exc))}[/red]")
+                    failed += 1
+                finally:
+                    served.close()
+
+    write_profile_file(args.out, records)
+    _print_table(records, device)
+    console.print(f"wrote {len(records)} record(s) to {args.out}")
+    return 1 if failed else 0
+
+
+def _print_table(records: list[ProfileRecord], device: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"profile on {device.name} ({device.id}), node path")
+    columns = ("model", "engine", "batch", "p50 ms", "p95 ms", "p99 ms", "pre/engine/post/codec ms")
+    for col in (*columns, "items/s", "mJ/inference", "idle W", "energy"):
+        table.add_column(col, justify="left" if col in ("model", "engine", "energy") else "right")
+    for r in records:
+        s = r.stages_ms
+        stages = "/".join(f"{s.get(k, 0.0):.2f}" for k in ("preprocess", "engine", "postprocess", "codec"))
+        table.add_row(
+            r.model,
+            r.engine,
+            str(r.batch_size),
+            f"{r.latency_ms.p50:.2f}",
+            f"{r.latency_ms.p95:.2f}",
+            f"{r.latency_ms.p99:.2f}",
+            stages,
+            f"{r.throughput_per_s:.1f}",
+            f"{r.energy_mj_per_inference:.2f}",
+            f"{r.idle_watts:.1f}",
+            r.energy_source,
+        )
+    out = Console()
+    (out if out.is_terminal else Console(width=180)).print(table)
