@@ -140,9 +140,9 @@ def wait_model_ready(
 
 @contextlib.contextmanager
 def server_process(
-    command: list[str], address: str, model: str | None, cwd: Path | None = None
+    command: list[str], address: str, model: str | None, cwd: Path | None = None, tree: Path = ROOT
 ) -> Iterator[None]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_model_ready(address, model, proc)
@@ -251,6 +251,12 @@ def main() -> int:
     parser.add_argument("--iterations", type=int, default=1000, help="requests per target per size at 1 KB")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (samples are pooled)")
     parser.add_argument("--skip-mlserver", action="store_true")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of moesaic (e.g. `git worktree add /tmp/base main~3`): its node runs "
+        "as target (e), interleaved with the others, for a before/after in one run",
+    )
     parser.add_argument("--out", type=Path, help="results JSON (default bench/results/node_overhead.json)")
     args = parser.parse_args()
     if args.serve_echo:
@@ -261,7 +267,7 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="node-overhead-"))
     models = tmp / "models"
     write_model(models / "echo")
-    ports = {"echo": free_port(), "node": free_port(), "mlserver": free_port()}
+    ports = {"echo": free_port(), "node": free_port(), "mlserver": free_port(), "baseline": free_port()}
     stack = contextlib.ExitStack()
     targets = ["echo", "node"]
     stack.enter_context(
@@ -277,6 +283,17 @@ def main() -> int:
             "echo",
         )
     )  # fmt: skip
+    if args.baseline:
+        stack.enter_context(
+            server_process(
+                [sys.executable, "-m", "moesaic", "--log-level", "WARNING", "node", "--models", str(models),
+                 "--listen", f"127.0.0.1:{ports['baseline']}"],
+                f"127.0.0.1:{ports['baseline']}",
+                "echo",
+                tree=args.baseline.resolve(),
+            )
+        )  # fmt: skip
+        targets.append("baseline")
     if not args.skip_mlserver:
         mlserver = ensure_mlserver_venv()
         folder = mlserver_folder(tmp, models / "echo", ports["mlserver"])
@@ -316,7 +333,7 @@ def main() -> int:
     engine.close()
 
     names = {"engine": "(a) in-process engine", "echo": "(b) gRPC echo (floor)", "node": "(c) moesaic node",
-             "mlserver": "(d) MLServer 1.7.1"}  # fmt: skip
+             "mlserver": "(d) MLServer 1.7.1", "baseline": f"(e) node at {args.baseline}"}  # fmt: skip
     summary: dict[str, Any] = {"machine": machine(), "sizes": {}}
     lines = [
         "| payload | server | p50 (us) | p99 (us) | p50 / floor | p99 / floor |",

@@ -151,8 +151,14 @@ class Demo:
         for sig in previous:
             signal.signal(sig, on_signal)
         status = 1
+        # Startup (nodes 120 s, coordinator 60 s, bridge 30 s), the replay, the drain and the
+        # report: past this the demo is stuck somewhere, and stops its fleet instead of hanging.
+        limit = 240 + self.args.duration
         try:
-            status = asyncio.run(self._main(tree, workdir))
+            status = asyncio.run(asyncio.wait_for(self._main(tree, workdir), limit))
+        except TimeoutError:
+            self.console.print(f"[red]the demo did not end within {limit:.0f} s: stopping all[/red]")
+            status = 1
         except KeyboardInterrupt:
             self.console.print("[yellow]interrupted: stopping every process[/yellow]")
             status = 130
