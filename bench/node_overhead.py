@@ -12,7 +12,8 @@
     clashes with moesaic's in one process.
 
 Every server runs in its own process; one client (blocking gRPC channel, raw bytes, one
-request at a time) drives (b)-(d), interleaved in rounds so machine noise hits all alike.
+request at a time) drives (b)-(e), interleaved in chunks of 20 requests so machine noise hits
+all alike.
 Prints p50/p99 and ratios to the echo floor, then a copy check at 4 MB (tracemalloc: bytes
 the node's decode and encode allocate per request).
 """
@@ -55,6 +56,7 @@ from moesaic.proto import inference_pb2  # noqa: E402
 MLSERVER_VENV = ROOT / ".venv-mlserver"
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MAX = 64 << 20
+CHUNK = 20
 OPTIONS = [("grpc.max_receive_message_length", MAX), ("grpc.max_send_message_length", MAX)]
 
 MLSERVER_MODEL = """
@@ -290,6 +292,7 @@ def main() -> int:
                  "--listen", f"127.0.0.1:{ports['baseline']}"],
                 f"127.0.0.1:{ports['baseline']}",
                 "echo",
+                cwd=args.baseline.resolve(),  # `python -m` imports from the working directory first
                 tree=args.baseline.resolve(),
             )
         )  # fmt: skip
@@ -324,10 +327,14 @@ def main() -> int:
             res = results[label] = {"engine": [], **{t: [] for t in targets}}
             for t in targets:
                 check_reply(t, calls[t](request, timeout=30), array)
-            for _ in range(args.rounds):
-                res["engine"] += measure(lambda a=array: engine.infer({"x": a}), iterations, 20)
+            for t in targets:  # warm-up
+                measure(lambda c=calls[t], r=request: c(r, timeout=30), 20, 0)
+            # Interleaved in chunks of CHUNK requests, so a burst of machine noise (this is a
+            # shared VM) lands on every target alike instead of on whichever ran then.
+            for _ in range(args.rounds * iterations // CHUNK):
+                res["engine"] += measure(lambda a=array: engine.infer({"x": a}), CHUNK, 0)
                 for t in targets:
-                    res[t] += measure(lambda c=calls[t], r=request: c(r, timeout=30), iterations, 20)
+                    res[t] += measure(lambda c=calls[t], r=request: c(r, timeout=30), CHUNK, 0)
         for ch in channels.values():
             ch.close()
     engine.close()

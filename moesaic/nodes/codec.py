@@ -436,8 +436,13 @@ def encode_response(
     if request_id:
         parts.append(_string_field(b"\x1a", request_id))
     if parameters:
+        doubles = _DOUBLE_PREFIX
         for key, value in parameters.items():
-            parts.append(_parameter_field(b"\x22", key, value))
+            prefix = doubles.get(key) if type(value) is float else None
+            if prefix is not None:  # inline the common case: a cached prefix and 8 value bytes
+                parts += (prefix, _DOUBLE(value))
+            else:
+                parts.append(_parameter_field(b"\x22", key, value))
     buffers = []
     for name, array in outputs.items():
         datatype = _DATATYPE_OF.get(array.dtype) or datatype_of(array.dtype)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,8 +72,10 @@ class DataPlane:
         self.cost = cost
         self.metrics = metrics
         self.queues = {name: ModelQueue(name, slots=m.spec.instances) for name, m in models.items()}
-        # Metric children looked up once (``labels()`` is slow).
+        # Metric children looked up once (``labels()`` is slow); latencies are observed off the
+        # request path, by :meth:`flush_metrics` (the cost meter's thread calls it).
         self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
+        self._latencies: deque[tuple[str, float]] = deque()
         self._expired = {name: metrics.requests_expired.labels(model=name) for name in models}
         self._last_done = dict.fromkeys(models, time.monotonic())
 
@@ -125,8 +128,7 @@ class DataPlane:
             raise
         if requested:
             outputs = _requested(model, outputs, requested)
-        self._latency[model.name].observe(stages.compute)
-        self._last_done[model.name] = time.monotonic()
+        self._latencies.append((model.name, stages.compute))
         return Reply(
             outputs,
             stages,
@@ -143,19 +145,24 @@ class DataPlane:
         deadline: float | None,
         alive: Callable[[], bool] | None,
     ) -> tuple[dict[str, np.ndarray], Stages]:
-        cost = self.cost
-        with self.queues[model.name].enter(deadline, alive=alive) as slot:
-            work = cost.begin(model.name)
-            try:
-                t0 = time.perf_counter()
-                engine_inputs, context = model.preprocess(inputs, parameters)
-                t1 = time.perf_counter()
-                raw = model.run(engine_inputs)
-                t2 = time.perf_counter()
-                outputs = model.postprocess(raw, context)
-                t3 = time.perf_counter()
-            finally:
-                cost.end(work)
+        # One clock (monotonic) for the queue, the cost meter and the stages: four reads a request.
+        cost, queue, name, clock = self.cost, self.queues[model.name], model.name, time.monotonic
+        slot = queue.enter(deadline, alive=alive)
+        t0 = t3 = slot.started
+        work = cost.begin(name, t0)
+        try:
+            engine_inputs, context = model.preprocess(inputs, parameters)
+            t1 = clock()
+            raw = model.run(engine_inputs)
+            t2 = clock()
+            outputs = model.postprocess(raw, context)
+            t3 = clock()
+        finally:
+            if t3 == t0:
+                t3 = clock()
+            cost.end(work, now=t3)
+            queue.leave(slot, t3)
+        self._last_done[name] = t3
         return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2)
 
     def _run_batched(
@@ -187,7 +194,15 @@ class DataPlane:
             t3 = time.perf_counter()
         finally:
             cost.end(work)
+        self._last_done[model.name] = time.monotonic()
         return outputs, Stages(max(queued, 0.0), t1 - t0, share.seconds, t3 - t2)
+
+    def flush_metrics(self) -> None:
+        """Move the latencies recorded since the last call into the Prometheus histograms."""
+        latencies, children = self._latencies, self._latency
+        while latencies:
+            name, seconds = latencies.popleft()
+            children[name].observe(seconds)
 
     # -------------------------------------------------------------- liveness
 
@@ -220,12 +235,14 @@ class DataPlane:
         if model.batcher is not None:
             model.batcher.submit(feed, timeout_s)
         else:
-            with self.queues[model.name].enter(deadline):
-                work = self.cost.begin(model.name)
-                try:
-                    model.run(feed)
-                finally:
-                    self.cost.end(work, inferences=0)
+            queue = self.queues[model.name]
+            slot = queue.enter(deadline)
+            work = self.cost.begin(model.name)
+            try:
+                model.run(feed)
+            finally:
+                self.cost.end(work, inferences=0)
+                queue.leave(slot)
         self._last_done[model.name] = time.monotonic()
 
 

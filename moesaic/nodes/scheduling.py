@@ -11,9 +11,10 @@ expect to wait, from the running mean time a
 request holds its slot.
 
 >>> queue = ModelQueue("toy", slots=1)
->>> with queue.enter(deadline=None) as slot:
-...     queue.state().depth
+>>> slot = queue.enter(deadline=None)
+>>> queue.state().depth
 1
+>>> queue.leave(slot)
 """
 
 from __future__ import annotations
@@ -61,26 +62,15 @@ class Ticket:
 
 
 class Slot:
-    """A running request; leaving the ``with`` block (or :meth:`release`) frees the slot."""
+    """A running request: when it started and how long it waited. Pass it to
+    :meth:`ModelQueue.leave` when the work is over."""
 
-    __slots__ = ("_queue", "queued_s", "released", "started")
+    __slots__ = ("id", "queued_s", "started")
 
-    def __init__(self, queue: ModelQueue, queued_s: float) -> None:
-        self._queue = queue
+    def __init__(self, ident: int, started: float, queued_s: float) -> None:
+        self.id = ident
+        self.started = started
         self.queued_s = queued_s
-        self.started = time.monotonic()
-        self.released = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self._queue._leave(self)
-
-    def __enter__(self) -> Slot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 class ModelQueue:
@@ -98,7 +88,7 @@ class ModelQueue:
         self._free = slots
         self._waiting: list[Ticket] = []
         self._seq = itertools.count()
-        self._running: dict[int, float] = {}  # id(slot) -> start, for the hang check
+        self._running: dict[int, float] = {}  # slot id -> start, for the hang check
         self._service_s = 0.0  # running mean of the time a request holds its slot
         self._served = 0
 
@@ -114,7 +104,7 @@ class ModelQueue:
         with self._lock:
             if self._free and not self._waiting:
                 self._free -= 1
-                return self._start(0.0)
+                return self._start(arrived, 0.0)
             ticket = Ticket(deadline, next(self._seq))
             heapq.heappush(self._waiting, ticket)
         while not ticket.event.is_set():
@@ -131,7 +121,7 @@ class ModelQueue:
             waited = now - arrived
             if ticket.granted:
                 if not ticket.cancelled and (deadline is None or now < deadline):
-                    return self._start(waited)
+                    return self._start(now, waited)
                 self._hand_over()  # the slot it was given goes to the next request
             else:
                 self._waiting.remove(ticket)
@@ -140,15 +130,16 @@ class ModelQueue:
             raise Cancelled(f"model {self.name!r}: the client cancelled the request")
         raise self._expired(waited)
 
-    def _start(self, queued_s: float) -> Slot:
-        slot = Slot(self, queued_s)
-        self._running[id(slot)] = slot.started
+    def _start(self, now: float, queued_s: float) -> Slot:
+        slot = Slot(next(self._seq), now, queued_s)
+        self._running[slot.id] = now
         return slot
 
-    def _leave(self, slot: Slot) -> None:
-        held = time.monotonic() - slot.started
+    def leave(self, slot: Slot, now: float | None = None) -> None:
+        """The slot's work is over (``now``: its end, monotonic, when the caller has it)."""
+        held = (time.monotonic() if now is None else now) - slot.started
         with self._lock:
-            self._running.pop(id(slot), None)
+            self._running.pop(slot.id, None)
             self._served += 1
             self._service_s = held if self._served == 1 else 0.8 * self._service_s + 0.2 * held
             self._hand_over()

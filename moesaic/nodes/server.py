@@ -168,6 +168,7 @@ class NodeServer:
 
     def _observe_interval(self, report: IntervalReport) -> None:
         """Cost meter thread: the device's counter, idle draw and attributed energy as metrics."""
+        self.plane.flush_metrics()
         m, device = self.metrics, self.device.id
         m.device_energy.labels(device=device).inc(max(report.device_joules, 0.0))
         m.device_idle_watts.labels(device=device).set(report.idle_watts)
@@ -192,6 +193,7 @@ class NodeServer:
         cfg = self.config
         check_s = min(1.0, cfg.hang_timeout_s / 4)
         while not self._monitor_stop.wait(check_s):
+            self.plane.flush_metrics()  # also when the cost meter holds its intervals
             for name in self.plane.stalled(cfg.hang_timeout_s):
                 model = self.models[name]
                 if model.state != "ready":

@@ -146,7 +146,7 @@ _PLAN_LIMIT = 256
 _PLAN_HEADER_BYTES = 4096
 
 
-@dataclass
+@dataclass(slots=True)
 class Decoded:
     """One request after validation: what the data plane needs, and what the reply echoes."""
 

@@ -132,23 +132,25 @@ class CostMeter:
 
     # -------------------------------------------------------------- request side
 
-    def begin(self, model: str) -> int:
+    def begin(self, model: str, now: float | None = None) -> int:
         """Register work of ``model`` starting now; pass the token to :meth:`end`.
 
         No lock: a dict store and (in :meth:`end`) a pop and a deque append are atomic in
         CPython, and the sampler thread reads copies.
         """
         token = next(self._ids)
-        self._inflight[token] = (model, self._clock())
+        self._inflight[token] = (model, self._clock() if now is None else now)
         return token
 
-    def end(self, token: int, *, inferences: float = 1.0) -> float:
+    def end(self, token: int, *, inferences: float = 1.0, now: float | None = None) -> float:
         """The work is over; returns its busy seconds.
 
         ``inferences``: how many requests this work completes (0 for a part of one, such as a
-        batched request's pre-processing, or for a batch whose requests finish later).
+        batched request's pre-processing, or for a batch whose requests finish later). ``now``
+        (begin and end): the caller's reading of the meter's clock, saving a read.
         """
-        now = self._clock()
+        if now is None:
+            now = self._clock()
         model, start = self._inflight.pop(token)
         if len(self._done) < _DONE_LIMIT:
             self._done.append((model, start, now))
