@@ -12,6 +12,7 @@ Every error is an :class:`~moesaic.errors.InvalidInput` naming the field.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,12 +56,26 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.width * img.height > _MAX_IMAGE_PIXELS:
-                    raise InvalidInput(f"image: {img.width}x{img.height} exceeds {_MAX_IMAGE_PIXELS} pixels")
-                return np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as exc:
-            raise InvalidInput(f"image.data: cannot decode {enc or 'image'}: {exc}") from None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+                with Image.open(io.BytesIO(data)) as img:  # the header only: size before pixels
+                    if img.width * img.height > _MAX_IMAGE_PIXELS:
+                        raise InvalidInput(
+                            f"image: {img.width}x{img.height} exceeds {_MAX_IMAGE_PIXELS} pixels",
+                            reason="too_many_pixels",
+                        )
+                    return np.asarray(img.convert("RGB"))
+        except Image.DecompressionBombError:
+            raise InvalidInput(
+                f"image: declares more than {_MAX_IMAGE_PIXELS} pixels (a decompression bomb)",
+                reason="too_many_pixels",
+            ) from None
+        except UnidentifiedImageError:
+            raise InvalidInput(f"image.data: not a readable {enc or 'image'}", reason="bad_image") from None
+        except OSError as exc:
+            raise InvalidInput(
+                f"image.data: cannot decode {enc or 'image'}: {exc}", reason="bad_image"
+            ) from None
     raise InvalidInput(f"image.encoding: {encoding!r} is not one of jpeg, png, rgb8")
 
 

@@ -26,7 +26,7 @@ from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
 from moesaic.coordinator.fusion import FUSED_TASKS
 from moesaic.coordinator.inputs import decode_inputs
 from moesaic.coordinator.selection import Budget
-from moesaic.errors import InvalidInput, as_moesaic_error
+from moesaic.errors import InvalidInput, as_moesaic_error, quote
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort_async, add_health_and_reflection, add_port, create_server, status_of
@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
     """A ``PerceiveRequest`` as a :class:`PerceiveInput`; :class:`InvalidInput` naming the bad field."""
     if request.task not in FUSED_TASKS:
-        raise InvalidInput(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
+        raise InvalidInput(
+            f"task: {quote(request.task)} is not one of {list(FUSED_TASKS)}", reason="unknown_task"
+        )
     b = request.budget
     for name, value in (("latency_ms", b.latency_ms), ("energy_mj", b.energy_mj)):
         if not np.isfinite(value) or value < 0:

@@ -184,13 +184,26 @@ class Bridge:
             log.debug("ignoring message on %s", topic)
             return
         self.stats.received += 1
+        try:
+            self._accept(sensor_id, kind, message)
+        except Exception as exc:  # each message has its own error boundary: the bridge lives on
+            error = describe(exc)
+            self._report_error(sensor_id, error["reason"], error["message"])
+
+    def _accept(self, sensor_id: str, kind: SensorKind, message: aiomqtt.Message) -> None:
         payload = (
             message.payload
             if isinstance(message.payload, bytes | bytearray)
             else str(message.payload).encode()
         )
         try:
-            frame = decode_payload(sensor_id, kind, payload, max_bytes=self.config.max_payload_bytes)
+            frame = decode_payload(
+                sensor_id,
+                kind,
+                payload,
+                max_bytes=self.config.max_payload_bytes,
+                max_pixels=self.config.max_image_pixels,
+            )
         except PayloadError as exc:
             self._report_error(sensor_id, exc.reason, str(exc))
             return

@@ -145,6 +145,11 @@ class IngestConfig(_Strict):
     max_in_flight: int = Field(default=8, ge=1, description="Perceive calls in flight across all sensors")
     queue_depth: int = Field(default=1, ge=1, description="frames kept per sensor stream (oldest dropped)")
     max_payload_bytes: int = Field(default=32 * 1024 * 1024, ge=1024, description="larger payloads rejected")
+    max_image_pixels: int = Field(
+        default=64_000_000,
+        ge=1,
+        description="camera images declaring more pixels are rejected from their header",
+    )
     keepalive_s: int = Field(default=30, ge=5, description="MQTT keepalive")
     reconnect_min_s: float = Field(default=0.2, gt=0, description="first reconnect delay")
     reconnect_max_s: float = Field(default=10.0, gt=0, description="longest reconnect delay (backoff)")

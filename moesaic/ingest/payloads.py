@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,9 +25,11 @@ from google.protobuf.message import DecodeError
 from moesaic.ingest.topics import SensorKind
 from moesaic.proto import moesaic_pb2
 
-__all__ = ["DEFAULT_MAX_PAYLOAD_BYTES", "Frame", "PayloadError", "decode_payload"]
+__all__ = ["DEFAULT_MAX_IMAGE_PIXELS", "DEFAULT_MAX_PAYLOAD_BYTES", "Frame", "PayloadError", "decode_payload"]
 
 DEFAULT_MAX_PAYLOAD_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
+"""Images declaring more pixels are refused from their header, before any decoding."""
 _LIDAR_FIELDS = {"kitti-f32x4": 4, "nuscenes-f32x5": 5}
 _IMAGE_ENCODINGS = ("jpeg", "png", "rgb8")
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -66,6 +69,7 @@ def decode_payload(
     *,
     received: float | None = None,
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Frame:
     """Decode one payload of a ``kind`` sensor; :class:`PayloadError` when it is malformed."""
     received = time.monotonic() if received is None else received
@@ -76,11 +80,11 @@ def decode_payload(
     frame = Frame(sensor_id, kind, received, timestamp=time.time(), size=len(payload))
     envelope = _sensor_frame(payload, kind)
     if envelope is not None:
-        _apply_envelope(frame, envelope)
+        _apply_envelope(frame, envelope, max_pixels)
     elif kind == "lidar":
         frame.points = _point_cloud(payload, fields=4)
     else:
-        frame.image = _encoded_image(payload)
+        frame.image = _encoded_image(payload, max_pixels=max_pixels)
     return frame
 
 
@@ -98,7 +102,7 @@ def _sensor_frame(payload: bytes, kind: SensorKind) -> moesaic_pb2.SensorFrame |
     return message
 
 
-def _apply_envelope(frame: Frame, envelope: moesaic_pb2.SensorFrame) -> None:
+def _apply_envelope(frame: Frame, envelope: moesaic_pb2.SensorFrame, max_pixels: int) -> None:
     if envelope.timestamp:
         if not math.isfinite(envelope.timestamp) or envelope.timestamp < 0:
             raise PayloadError(
@@ -133,6 +137,10 @@ def _apply_envelope(frame: Frame, envelope: moesaic_pb2.SensorFrame) -> None:
         )
     if encoding == "rgb8":
         w, h = envelope.width, envelope.height
+        if w * h > max_pixels:
+            raise PayloadError(
+                "too_many_pixels", f"SensorFrame rgb8 {w}x{h} pixels; the limit is {max_pixels}"
+            )
         if w <= 0 or h <= 0 or len(envelope.data) != w * h * 3:
             raise PayloadError(
                 "bad_image",
@@ -140,7 +148,7 @@ def _apply_envelope(frame: Frame, envelope: moesaic_pb2.SensorFrame) -> None:
             )
         frame.image = moesaic_pb2.Image(data=envelope.data, encoding="rgb8", width=w, height=h)
         return
-    frame.image = _encoded_image(envelope.data, expected=encoding)
+    frame.image = _encoded_image(envelope.data, expected=encoding, max_pixels=max_pixels)
 
 
 def _point_cloud(data: bytes, *, fields: int) -> moesaic_pb2.PointCloud:
@@ -157,7 +165,7 @@ def _point_cloud(data: bytes, *, fields: int) -> moesaic_pb2.PointCloud:
     return moesaic_pb2.PointCloud(data=data, fields=fields)
 
 
-def _encoded_image(data: bytes, expected: str | None = None) -> moesaic_pb2.Image:
+def _encoded_image(data: bytes, expected: str | None = None, *, max_pixels: int) -> moesaic_pb2.Image:
     if data.startswith(_JPEG_MAGIC):
         encoding = "jpeg"
     elif data.startswith(_PNG_MAGIC):
@@ -169,9 +177,22 @@ def _encoded_image(data: bytes, expected: str | None = None) -> moesaic_pb2.Imag
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            img.verify()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
+            with Image.open(io.BytesIO(data)) as img:  # reads the header only
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise PayloadError(
+                        "too_many_pixels",
+                        f"camera payload declares {width}x{height} pixels; the limit is {max_pixels}",
+                    )
+                img.verify()
+    except Image.DecompressionBombError:
+        raise PayloadError(
+            "too_many_pixels", f"camera payload declares more than {max_pixels} pixels (a decompression bomb)"
+        ) from None
+    except UnidentifiedImageError:
+        raise PayloadError("bad_image", f"camera payload is not a readable {encoding}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
         raise PayloadError("bad_image", f"camera payload is a broken {encoding}: {exc}") from None
     return moesaic_pb2.Image(data=data, encoding=encoding, width=width, height=height)

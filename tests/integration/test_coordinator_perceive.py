@@ -23,6 +23,7 @@ from moesaic.coordinator.config import FleetConfig, parse_fleet
 from moesaic.coordinator.service import serve
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
 from tests.helpers import slow_node  # noqa: F401  (registers the test_sleep processor in-process)
+from tests.helpers.images import png_bomb
 from tests.helpers.nodes import node_process, running_node
 from tests.helpers.onnx_models import write_model, write_toy_detector
 
@@ -223,6 +224,14 @@ async def test_bad_requests_get_clear_errors(two_nodes: tuple[str, str]) -> None
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.Perceive(moesaic_pb2.PerceiveRequest(task="juggling"), timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "task" in info.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # not echoed whole (nor RESOURCE_EXHAUSTED)
+            await stub.Perceive(moesaic_pb2.PerceiveRequest(task="x" * 20_000), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(info.value.details()) < 300
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # refused from its header, before any expert
+            bomb = moesaic_pb2.PerceiveRequest(task="detection", image=moesaic_pb2.Image(data=png_bomb()))
+            await stub.Perceive(bomb, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "decompression bomb" in info.value.details() and "0x" not in info.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             seg = x_request(np.zeros(FEATURES))
             seg.task = "bev_segmentation"

@@ -63,7 +63,7 @@ def test_attributed_energy_adds_up_and_is_the_same_under_concurrency(tmp_path: P
     node.start()
     try:
         assert node.wait_ready(60)
-        run = measure_energy(node, "mm", np.ones((64, 256), np.float32), seconds=13.0)
+        run = measure_energy(node, "mm", np.ones((256, 256), np.float32), seconds=13.0)
     finally:
         node.stop(grace=0)
 

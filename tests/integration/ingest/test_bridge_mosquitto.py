@@ -19,6 +19,7 @@ from moesaic.ingest.bridge import Bridge
 from moesaic.ingest.broker import MosquittoProcess
 from moesaic.ingest.config import IngestConfig, load_config
 from moesaic.proto import moesaic_pb2
+from tests.helpers.images import png_bomb
 from tests.helpers.real_data import REAL_DATA
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(60)]
@@ -192,6 +193,7 @@ async def test_camera_jpeg_and_sensor_frames_carry_budget_and_ids(mosquitto, ech
         ("moesaic/v1/sensors/bad/lidar", np.array([np.nan, 0, 0, 0], "<f4").tobytes(), "bad_points"),
         ("moesaic/v1/sensors/bad/camera", b"this is not an image", "bad_image"),
         ("moesaic/v1/sensors/bad/camera", b"\xff\xd8\xff" + b"\x00" * 64, "bad_image"),
+        ("moesaic/v1/sensors/bad/camera", png_bomb(), "too_many_pixels"),
         (
             "moesaic/v1/sensors/bad/camera",
             moesaic_pb2.SensorFrame(encoding="kitti-f32x4", data=b"\x00" * 16).SerializeToString(),
