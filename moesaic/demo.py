@@ -227,7 +227,7 @@ class Demo:
         status = await self._replay(tree, broker, ingest_metrics)
         if status:
             return status
-        self.stats.dropped = _scrape(ingest_metrics, "moesaic_dropped_frames_total")
+        self.stats.dropped = _scrape(ingest_metrics, "moesaic_mqtt_frames_dropped_total")
         endpoints = {"ingest": ingest_metrics, "coordinator": coordinator_metrics}
         endpoints.update({n.name: n.metrics_port for n in nodes})
         _save_metrics(endpoints, self.args.report / "metrics")

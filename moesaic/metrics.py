@@ -93,9 +93,16 @@ class Metrics:
             ["task", "kind"],
             registry=r,
         )
-        self.dropped_frames = Counter(
-            "moesaic_dropped_frames",
-            "Sensor frames dropped by the latest-frame queue.",
+        self.frames_dropped = Counter(
+            "moesaic_mqtt_frames_dropped",
+            "Sensor frames the bridge accepted but dropped; reason 'queue_full' = evicted by a newer "
+            "frame from the latest-frame queue.",
+            ["sensor", "reason"],
+            registry=r,
+        )
+        self.frames_missing = Counter(
+            "moesaic_mqtt_frames_missing",
+            "Sensor frames that never reached the bridge: gaps in the frame_id of a sensor's frames.",
             ["sensor"],
             registry=r,
         )

@@ -20,8 +20,8 @@ import contextlib
 import json
 import logging
 import random
+import socket
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +64,7 @@ class BridgeStats:
     processed: int = 0
     results: int = 0
     dropped: int = 0
+    missing: int = 0
     errors: int = 0
     connects: int = 0
     errors_by_sensor: dict[str, int] = field(default_factory=dict)
@@ -88,7 +89,8 @@ class Bridge:
             "3.1.1": aiomqtt.ProtocolVersion.V311,
             "auto": None,
         }[config.protocol]
-        self._client_id = config.client_id or f"moesaic-{config.component}-{uuid.uuid4().hex[:8]}"
+        self._client_id = config.client_id or f"moesaic-{config.component}-{socket.gethostname()}"[:64]
+        self._last_frame: dict[tuple[str, SensorKind], int] = {}
 
     async def __aenter__(self) -> Bridge:
         await self._coordinator.__aenter__()
@@ -208,15 +210,30 @@ class Bridge:
             self._report_error(sensor_id, exc.reason, str(exc))
             return
         key = (sensor_id, kind)
+        self._count_missing(key, frame.frame_id)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = LatestQueue(self.config.queue_depth, on_drop=self._on_drop)
             self._workers[key] = asyncio.create_task(self._worker(queue), name=f"bridge-{sensor_id}-{kind}")
         queue.put(frame)
 
+    def _count_missing(self, key: tuple[str, SensorKind], frame_id: int) -> None:
+        """Gaps in a sensor's frame ids are frames lost before the bridge: count them.
+
+        Id 0 (no id, or a sensor counting from 0 again) and ids at or below the last one
+        (a redelivery, or a restarted sensor) count nothing and restart the tracking.
+        """
+        last = self._last_frame.get(key)
+        if last is not None and frame_id > last + 1 and last > 0:
+            gap = frame_id - last - 1
+            self.stats.missing += gap
+            self.metrics.frames_missing.labels(sensor=key[0]).inc(gap)
+        if last is None or frame_id > last or frame_id == 0 or frame_id < last - 1000:
+            self._last_frame[key] = frame_id
+
     def _on_drop(self, frame: Frame) -> None:
         self.stats.dropped += 1
-        self.metrics.dropped_frames.labels(sensor=frame.sensor_id).inc()
+        self.metrics.frames_dropped.labels(sensor=frame.sensor_id, reason="queue_full").inc()
 
     async def _worker(self, queue: LatestQueue[Frame]) -> None:
         while True:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 import socket
 import subprocess
@@ -92,8 +93,15 @@ class MosquittoProcess:
     """
 
     def __init__(
-        self, directory: Path, *, host: str = "127.0.0.1", port: int = 0, extra_config: str = ""
+        self,
+        directory: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        persistent: bool = False,
+        extra_config: str = "",
     ) -> None:
+        """``persistent``: keep sessions and queued messages in ``directory/store`` across restarts."""
         binary = mosquitto_binary()
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (Debian/Ubuntu: apt-get install mosquitto)")
@@ -102,8 +110,16 @@ class MosquittoProcess:
         self.port = port or free_port(host)
         directory.mkdir(parents=True, exist_ok=True)
         self.config = directory / "mosquitto.conf"
+        persistence = "persistence false\n"
+        if persistent:
+            store = directory / "store"
+            store.mkdir(exist_ok=True)
+            # As root, mosquitto would switch to its own user, which cannot reach a private temp
+            # folder: a broker the project starts for itself stays the user that started it.
+            user = "user root\n" if os.geteuid() == 0 else ""
+            persistence = f"persistence true\npersistence_location {store}/\n{user}"
         self.config.write_text(
-            f"listener {self.port} {host}\nallow_anonymous true\npersistence false\n"
+            f"listener {self.port} {host}\nallow_anonymous true\n{persistence}"
             f"set_tcp_nodelay true\nlog_dest stderr\nlog_type error\nlog_type warning\n{extra_config}"
         )
         self.process: subprocess.Popen[bytes] | None = None

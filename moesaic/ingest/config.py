@@ -136,7 +136,19 @@ class IngestConfig(_Strict):
         default=None, description="name of a systemd credential (LoadCredential=) holding the password"
     )
     tls: TlsOptions | None = Field(default=None, description="TLS options; mqtts:// turns TLS on too")
-    client_id: str | None = Field(default=None, description="MQTT client id; generated when unset")
+    client_id: str | None = Field(
+        default=None,
+        description="MQTT client id; default moesaic-{component}-{host name} (stable, so a persistent "
+        "session finds its queued frames after a restart)",
+    )
+    persistent_session: bool = Field(
+        default=True,
+        description="keep the broker session (subscriptions and QoS 1 frames queued for this bridge) "
+        "across disconnects and bridge restarts",
+    )
+    session_expiry_s: int = Field(
+        default=3600, ge=0, description="MQTT 5: how long the broker keeps the session of a gone bridge"
+    )
     component: str = Field(default="ingest", description="name in moesaic/v1/status/{component}")
     group: str | None = Field(default=None, description="shared-subscription group ($share/GROUP/...)")
     sensors_filter: tuple[str, ...] = Field(default=(), description="only these sensor ids (default all)")

@@ -7,6 +7,8 @@ import ssl
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from moesaic.ingest.config import IngestConfig
 
@@ -18,20 +20,32 @@ def connect_options(
 ) -> dict[str, Any]:
     """Keyword arguments for ``aiomqtt.Client`` (everything but the will).
 
+    With ``persistent_session`` the session outlives the connection (MQTT 3.1.1
+    ``clean_session=False``; MQTT 5 ``clean_start=False`` and ``session_expiry_s``), so frames
+    published while the bridge is away wait at the broker for it.
+
     TLS is on for ``mqtts://`` brokers and whenever ``tls:`` is configured; the password comes
     from the systemd credential, ``$MOESAIC_MQTT_PASSWORD`` or the config, in that order.
     """
     address = config.broker_address
+    version = protocol or aiomqtt.ProtocolVersion.V5
     options: dict[str, Any] = {
         "hostname": address.host,
         "port": address.port,
         "identifier": client_id,
         "keepalive": config.keepalive_s,
         "timeout": 10.0,
-        "protocol": protocol or aiomqtt.ProtocolVersion.V5,
+        "protocol": version,
         # paho leaves Nagle on: small results would wait for delayed ACKs (~40 ms)
         "socket_options": ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     }
+    if config.persistent_session:  # the broker keeps subscriptions and queued QoS 1 frames
+        if version == aiomqtt.ProtocolVersion.V5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = config.session_expiry_s
+            options.update(clean_start=False, properties=properties)
+        else:
+            options["clean_session"] = False
     username = config.resolve_username()
     if username is not None:
         options["username"] = username

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class EchoCoordinator(moesaic_pb2_grpc.CoordinatorServicer):
         self.delay_s = delay_s
         self.fail_tasks = fail_tasks
         self.requests: list[moesaic_pb2.PerceiveRequest] = []
+        self.times: list[float] = []  # time.monotonic() of each request's arrival
 
     def respond(self, request: moesaic_pb2.PerceiveRequest) -> moesaic_pb2.PerceiveResponse:
         response = moesaic_pb2.PerceiveResponse(
@@ -73,6 +75,7 @@ class EchoCoordinator(moesaic_pb2_grpc.CoordinatorServicer):
 
     async def Perceive(self, request, context):  # type: ignore[no-untyped-def]
         self.requests.append(request)
+        self.times.append(time.monotonic())
         if request.task in self.fail_tasks:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"task {request.task!r} refused by the test"
