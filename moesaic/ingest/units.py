@@ -46,6 +46,21 @@ class UnitsConfig(BaseModel):
     environment: dict[str, dict[str, str]] = Field(
         default_factory=dict, description="per unit kind: extra Environment= variables"
     )
+    allow_ips: list[str] = Field(
+        default_factory=lambda: ["localhost", "link-local", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
+        description="IPAddressAllow= of every unit (everything else is denied): the networks that "
+        "hold the fleet's nodes, coordinator, broker and clients; [] = no IP restriction",
+    )
+    node_devices: list[str] = Field(
+        default_factory=lambda: [
+            "char-nvidia-frontend rw",
+            "char-nvidia-uvm rw",
+            "char-nvidia-caps rw",
+            "char-nvidia-caps-imex-channels rw",
+        ],
+        description="DeviceAllow= of nodes (DevicePolicy=closed): the NVIDIA GPU devices by default; a "
+        "Jetson needs e.g. char-nvmap rw, char-nvhost-ctrl rw, char-nvhost-gpu rw; [] = any device",
+    )
 
     @field_validator("executable", "config_dir")
     @classmethod
@@ -68,15 +83,31 @@ def load_units_config(path: Path | None = None, **overrides: object) -> UnitsCon
     return load_model(UnitsConfig, path, what="units config", **overrides)
 
 
-def _hardening(config: UnitsConfig, *, devices: bool) -> str:
+def _hardening(config: UnitsConfig, *, node: bool) -> str:
+    """Sandboxing of one unit. Nodes differ: GPUs and Jetson rails need /dev, sysfs and /proc, and
+    CUDA and ONNX Runtime's JIT need writable executable memory (no MemoryDenyWriteExecute)."""
     who = f"User={config.user}\nGroup={config.user}" if config.user else "DynamicUser=yes"
-    device_lines = (
-        "# GPUs and Jetson power rails need /dev and sysfs; keep devices visible.\nPrivateDevices=no"
-        if devices
-        else "PrivateDevices=yes"
-    )
-    clock = "" if devices else "ProtectClock=yes\n"  # its implied DeviceAllow= would hide GPUs
     protect_home = "read-only" if str(config.executable).startswith(("/home/", "/root/")) else "yes"
+    if node:
+        specific = ["# GPUs and Jetson power rails need /dev and sysfs; only their devices are allowed."]
+        specific.append("PrivateDevices=no")
+        if config.node_devices:
+            specific.append("DevicePolicy=closed")
+            specific += [f"DeviceAllow={device}" for device in config.node_devices]
+        specific.append("ProtectProc=invisible")
+        specific.append("# CUDA and JIT compilers map writable code: no MemoryDenyWriteExecute=.")
+    else:
+        specific = [
+            "PrivateDevices=yes",
+            "ProtectClock=yes",  # its implied DeviceAllow= would hide a node's GPUs
+            "ProtectProc=invisible",
+            "ProcSubset=pid",
+            "PrivateUsers=yes",
+            "MemoryDenyWriteExecute=yes",
+        ]
+    if config.allow_ips:
+        specific += ["IPAddressDeny=any", f"IPAddressAllow={' '.join(config.allow_ips)}"]
+    lines = "\n".join(specific)
     return f"""{who}
 StateDirectory=moesaic
 CacheDirectory=moesaic
@@ -87,18 +118,22 @@ NoNewPrivileges=yes
 ProtectSystem=strict
 ProtectHome={protect_home}
 PrivateTmp=yes
-{device_lines}
+PrivateMounts=yes
+{lines}
 ProtectKernelTunables=yes
 ProtectKernelModules=yes
 ProtectKernelLogs=yes
 ProtectControlGroups=yes
-{clock}ProtectHostname=yes
+ProtectHostname=yes
 RestrictNamespaces=yes
 RestrictRealtime=yes
 RestrictSUIDSGID=yes
 LockPersonality=yes
 RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK
 SystemCallArchitectures=native
+SystemCallFilter=@system-service
+SystemCallFilter=~@privileged
+SystemCallErrorNumber=EPERM
 CapabilityBoundingSet=
 AmbientCapabilities="""
 
@@ -140,7 +175,7 @@ TimeoutStartSec={config.node_start_timeout_sec}
 ExecStart={exe} node --config {cfg}/nodes/%i.yaml --node-id %i
 # Secrets (e.g. the TLS key) as credentials: LoadCredential=tls-key:/etc/moesaic/node.key and
 # Environment=MOESAIC_NODE_TLS__KEY=%d/tls-key in the units config.
-{_extras(config, "node")}{_hardening(config, devices=True)}
+{_extras(config, "node")}{_hardening(config, node=True)}
 
 [Install]
 WantedBy=multi-user.target
@@ -155,7 +190,7 @@ Wants=network-online.target
 {common}
 TimeoutStartSec=120
 ExecStart={exe} coordinator --config {cfg}/fleet.yaml --listen {config.coordinator_listen}
-{_extras(config, "coordinator")}{_hardening(config, devices=False)}
+{_extras(config, "coordinator")}{_hardening(config, node=False)}
 
 [Install]
 WantedBy=multi-user.target
@@ -172,7 +207,7 @@ TimeoutStartSec=120
 ExecStart={exe} ingest --config {cfg}/ingest.yaml
 # The broker password: password_credential: mqtt-password in ingest.yaml and
 # LoadCredential=mqtt-password:/etc/moesaic/credentials/mqtt-password here.
-{_extras(config, "ingest")}{_hardening(config, devices=False)}
+{_extras(config, "ingest")}{_hardening(config, node=False)}
 
 [Install]
 WantedBy=multi-user.target

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,40 @@ def test_deploy_units_match_the_generator() -> None:
     """deploy/systemd/ holds the default units; regenerate with the command in its README."""
     for name, text in render_units(UnitsConfig()).items():
         assert (REPO / "deploy" / "systemd" / name).read_text() == text, f"deploy/systemd/{name} is stale"
+
+
+EXPOSURE_LIMITS = {
+    "moesaic-coordinator.service": 2.5,
+    "moesaic-ingest.service": 2.5,
+    "moesaic-node@.service": 3.0,
+}
+
+
+@pytest.mark.parametrize("name", UNIT_NAMES)
+def test_systemd_analyze_security_exposure_per_unit(tmp_path: Path, name: str) -> None:
+    """`systemd-analyze security` rates each unit at most 2.5 (coordinator, bridge) / 3.0 (GPU node)."""
+    path = tmp_path / name
+    path.write_text(render_units(UnitsConfig())[name])
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: ([0-9.]+)", result.stdout + result.stderr)
+    assert found, result.stdout + result.stderr
+    assert float(found.group(1)) <= EXPOSURE_LIMITS[name]
+
+
+def test_units_restrict_ip_addresses_and_node_devices() -> None:
+    units = render_units(UnitsConfig(allow_ips=["10.1.0.0/16"], node_devices=["char-nvmap rw"]))
+    for text in units.values():
+        assert "\nIPAddressDeny=any\nIPAddressAllow=10.1.0.0/16\n" in text
+        assert "\nSystemCallFilter=@system-service\n" in text
+    node = units["moesaic-node@.service"]
+    assert "\nDevicePolicy=closed\nDeviceAllow=char-nvmap rw\n" in node
+    assert "MemoryDenyWriteExecute=yes" not in node  # CUDA and JIT compilers need it
+    assert "\nMemoryDenyWriteExecute=yes\n" in units["moesaic-coordinator.service"]
+    open_units = render_units(UnitsConfig(allow_ips=[], node_devices=[]))
+    assert all("IPAddress" not in text for text in open_units.values())
+    assert "DevicePolicy" not in open_units["moesaic-node@.service"]
