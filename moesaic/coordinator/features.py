@@ -13,6 +13,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from moesaic.errors import InvalidInput
+
 __all__ = ["FEATURE_NAMES", "INPUT_KINDS", "features_of", "input_kind_of"]
 
 _MAX_POINTS = 20000
@@ -121,16 +123,16 @@ def features_of(kind: str, inputs: Mapping[str, np.ndarray]) -> np.ndarray:
     """Feature vector of one request for input ``kind`` (``points``, ``image`` or ``tensor``)."""
     if kind == "points":
         if "points" not in inputs:
-            raise ValueError("input: the gate of this task expects a point cloud")
+            raise InvalidInput("input: the gate of this task expects a point cloud")
         out = _points(inputs["points"])
     elif kind == "image":
         if "image" not in inputs:
-            raise ValueError("input: the gate of this task expects an image")
+            raise InvalidInput("input: the gate of this task expects an image")
         out = _image(inputs["image"])
     elif kind == "tensor":
         if not inputs:
-            raise ValueError("input: no tensor given")
+            raise InvalidInput("input: no tensor given")
         out = _tensor(next(iter(inputs.values())))
     else:
-        raise ValueError(f"input kind {kind!r} is not one of {list(INPUT_KINDS)}")
+        raise InvalidInput(f"input kind {kind!r} is not one of {list(INPUT_KINDS)}")
     return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)

@@ -19,10 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from moesaic.errors import InvalidInput
+from moesaic.errors import InvalidInput, quote
 from moesaic.runtime.engine import dtype_of
 
-__all__ = ["RequestInputs", "decode_image", "decode_inputs"]
+__all__ = ["TASK_OPTIONS", "RequestInputs", "check_options", "decode_image", "decode_inputs", "tile_options"]
+
+TASK_OPTIONS: dict[str, frozenset[str]] = {
+    "detection": frozenset({"slice", "overlap"}),
+    "vlm": frozenset({"prompt"}),
+}
+"""Perceive ``options`` each task understands; any other key is refused, by name."""
 
 _MAX_IMAGE_PIXELS = 64_000_000
 
@@ -77,6 +83,44 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
                 f"image.data: cannot decode {enc or 'image'}: {exc}", reason="bad_image"
             ) from None
     raise InvalidInput(f"image.encoding: {encoding!r} is not one of jpeg, png, rgb8")
+
+
+def check_options(task: str, options: Mapping[str, str]) -> None:
+    """:class:`InvalidInput` naming unknown options of ``task`` or a bad value, before any work."""
+    known = TASK_OPTIONS.get(task, frozenset())
+    unknown = sorted(set(options) - known)
+    if unknown:
+        names = ", ".join(quote(name, 32) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise InvalidInput(
+            f"options: {names} not understood by task {task!r} (it takes {sorted(known) or 'none'})",
+            reason="unknown_option",
+        )
+    if "slice" in options or "overlap" in options:
+        tile_options(options)
+
+
+def tile_options(options: Mapping[str, str]) -> tuple[int, float]:
+    """(tile size in pixels, overlap fraction) of a sliced detection request."""
+    try:
+        tile = int(options["slice"])
+    except (KeyError, ValueError):
+        raise InvalidInput(
+            f"options.slice: expected a tile size in pixels, got {quote(options.get('slice', ''))}",
+            reason="bad_option",
+        ) from None
+    if not 32 <= tile <= 8192:
+        raise InvalidInput(
+            f"options.slice: tile size must lie in [32, 8192], got {tile}", reason="bad_option"
+        )
+    try:
+        overlap = float(options.get("overlap", "0.2"))
+    except ValueError:
+        raise InvalidInput(
+            f"options.overlap: expected a fraction, got {quote(options['overlap'])}", reason="bad_option"
+        ) from None
+    if not 0 <= overlap < 0.9:
+        raise InvalidInput(f"options.overlap: must lie in [0, 0.9), got {overlap}", reason="bad_option")
+    return tile, overlap
 
 
 def decode_inputs(task: str, request: Any, options: Mapping[str, str] | None = None) -> RequestInputs:

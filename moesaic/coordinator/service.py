@@ -24,7 +24,7 @@ from grpc_health.v1 import health_pb2
 from moesaic.coordinator.config import FleetConfig
 from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
 from moesaic.coordinator.fusion import FUSED_TASKS
-from moesaic.coordinator.inputs import decode_inputs
+from moesaic.coordinator.inputs import check_options, decode_inputs
 from moesaic.coordinator.selection import Budget
 from moesaic.errors import InvalidInput, as_moesaic_error, quote
 from moesaic.metrics import Metrics
@@ -50,6 +50,7 @@ def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
         if not np.isfinite(value) or value < 0:
             raise InvalidInput(f"budget.{name}: expected a finite value >= 0 (0 = unbounded), got {value}")
     options = dict(request.options)
+    check_options(request.task, options)
     return PerceiveInput(
         task=request.task,
         inputs=decode_inputs(request.task, request, options),

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from moesaic.coordinator.fusion import Fused
-from moesaic.coordinator.inputs import RequestInputs
+from moesaic.coordinator.inputs import RequestInputs, tile_options
 from moesaic.coordinator.selection import Budget, fits
-from moesaic.errors import Unavailable
+from moesaic.errors import InvalidInput, Unavailable
 from moesaic.models.detections import Detections
 
 if TYPE_CHECKING:
@@ -28,22 +28,6 @@ if TYPE_CHECKING:
     from moesaic.coordinator.registry import Expert
 
 __all__ = ["sliced_perceive"]
-
-
-def _tile_size(options: dict[str, str]) -> tuple[int, float]:
-    try:
-        tile = int(options["slice"])
-    except ValueError:
-        raise ValueError(f"options.slice: expected a tile size in pixels, got {options['slice']!r}") from None
-    if not 32 <= tile <= 8192:
-        raise ValueError(f"options.slice: tile size must lie in [32, 8192], got {tile}")
-    try:
-        overlap = float(options.get("overlap", "0.2"))
-    except ValueError:
-        raise ValueError(f"options.overlap: expected a fraction, got {options['overlap']!r}") from None
-    if not 0 <= overlap < 0.9:
-        raise ValueError(f"options.overlap: must lie in [0, 0.9), got {overlap}")
-    return tile, overlap
 
 
 def _spread(coordinator: Coordinator, features: np.ndarray | None) -> list[Expert]:
@@ -77,8 +61,8 @@ async def sliced_perceive(
 
     image = request.inputs.tensors.get("image")
     if image is None:
-        raise ValueError("input: sliced detection (option slice) needs an image")
-    tile, overlap = _tile_size(dict(request.options))
+        raise InvalidInput("input: sliced detection (option slice) needs an image", reason="bad_option")
+    tile, overlap = tile_options(request.options)
     tiles = tile_image(image, tile, overlap)
     experts = _spread(coordinator, features)
     overhead = coordinator.settings.overhead_ms
