@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -368,3 +369,51 @@ def test_coordinator_command_rejects_bad_config(tmp_path: Path) -> None:
     from moesaic.cli import main
 
     assert main(["coordinator", "--config", str(tmp_path / "fleet.yaml")]) == 2
+
+
+async def test_a_frozen_node_and_a_killed_node_under_load_leave_no_request_unanswered(tmp_path: Path) -> None:
+    """SIGSTOP one node and SIGKILL another while requests stream in: every request gets its
+    result or an explicit error before its deadline, and the fleet keeps answering."""
+    for i, name in enumerate(("a", "b", "c")):
+        write_classifier(tmp_path / name, f"cls-{name}", seed=i + 1)
+    with (
+        node_process(tmp_path / "a") as (proc_a, addr_a),
+        node_process(tmp_path / "b") as (proc_b, addr_b),
+        node_process(tmp_path / "c") as (_, addr_c),
+    ):
+        nodes = [
+            {"address": addr, "name": f"n{i}", "experts": [{"model": f"cls-{name}", "latency_ms": 5}]}
+            for i, (name, addr) in enumerate((("a", addr_a), ("b", addr_b), ("c", addr_c)))
+        ]
+        async with coordinator(fleet(nodes, probe_interval_s=30)) as (stub, _):
+            outcomes: list[tuple[str, float]] = []
+            deadline_s = 2.0
+
+            async def one(i: int) -> None:
+                start = asyncio.get_running_loop().time()
+                try:
+                    reply = await stub.Perceive(
+                        x_request(np.full(FEATURES, i % 7, np.float32), latency_ms=600, rid=str(i)),
+                        timeout=deadline_s,
+                    )
+                    outcome = "ok" if any(e.status == "ok" for e in reply.experts) else "no-expert"
+                except grpc.aio.AioRpcError as exc:
+                    outcome = exc.code().name
+                outcomes.append((outcome, asyncio.get_running_loop().time() - start))
+
+            tasks = []
+            for i in range(60):
+                if i == 15:
+                    proc_a.send_signal(signal.SIGSTOP)  # frozen: connections stay open, nothing answers
+                if i == 30:
+                    proc_b.kill()
+                tasks.append(asyncio.create_task(one(i)))
+                await asyncio.sleep(0.03)
+            await asyncio.gather(*tasks)
+            late = await stub.Perceive(x_request(np.zeros(FEATURES), latency_ms=600), timeout=deadline_s)
+            proc_a.send_signal(signal.SIGCONT)
+    assert len(outcomes) == 60
+    assert all(seconds < deadline_s for _, seconds in outcomes), sorted(s for _, s in outcomes)[-5:]
+    assert {o for o, _ in outcomes} <= {"ok", "UNAVAILABLE"}, outcomes
+    assert sum(o == "ok" for o, _ in outcomes) >= 50
+    assert [e.expert_id for e in late.experts if e.status == "ok"] == ["n2/cls-c"]
