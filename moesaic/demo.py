@@ -107,6 +107,10 @@ def run_demo(args: argparse.Namespace) -> int:
     return demo.run()
 
 
+MAX_RESTARTS = 3
+"""How often the demo restarts a component that dies during the replay before giving up."""
+
+
 class Demo:
     """One run of the demo: start the tree, replay, summarise, stop."""
 
@@ -260,6 +264,18 @@ class Demo:
                         raise SystemExit(self._fail(f"{what} at {address} not serving after {timeout:.0f} s"))
                     await asyncio.sleep(0.2)
 
+    def _restart(self, tree: Any, child: Any) -> bool:
+        """Start a component that died during the replay again (at most ``MAX_RESTARTS`` times),
+        as systemd's Restart=on-failure would; one failure never stops the whole fleet."""
+        if child.restarts >= MAX_RESTARTS:
+            return False
+        status = child.process.returncode
+        fresh = tree.restart(child)
+        note = f"{child.name} exited with status {status} and was restarted ({fresh.restarts}/{MAX_RESTARTS})"
+        self.console.print(f"[yellow]{note}[/yellow]")
+        self.notes.append(note + ".")
+        return True
+
     def _died(self, tree: Any, child: Any) -> int:
         self.console.print(f"[red]{child.name} exited with status {child.process.returncode}[/red]; its log:")
         self.console.print(tree.tail(child), markup=False, highlight=False)
@@ -302,7 +318,7 @@ class Demo:
                     last_line = 0.0
                     while time.monotonic() < end:
                         failed = tree.failed()
-                        if failed is not None:
+                        if failed is not None and not self._restart(tree, failed):
                             return self._died(tree, failed)
                         await asyncio.sleep(0.25)
                         if view is not None:

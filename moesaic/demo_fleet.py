@@ -114,6 +114,9 @@ class Child:
     process: subprocess.Popen[bytes]
     log_path: Path
     log_file: IO[bytes]
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
 
 
 class ProcessTree:
@@ -128,7 +131,7 @@ class ProcessTree:
     ) -> subprocess.Popen[bytes]:
         """Start ``python -m <args>`` (or a moesaic sub-command) logging to ``log_dir/name.log``."""
         log_path = self.log_dir / f"{name}.log"
-        log_file = log_path.open("wb")
+        log_file = log_path.open("ab")  # a restarted child appends to its log
         child_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         process = subprocess.Popen(
             [sys.executable, "-m", *args],
@@ -139,8 +142,17 @@ class ProcessTree:
             preexec_fn=_child_setup if sys.platform == "linux" else None,
             start_new_session=sys.platform != "linux",
         )
-        self.children.append(Child(name, process, log_path, log_file))
+        self.children.append(Child(name, process, log_path, log_file, list(args), dict(env or {})))
         return process
+
+    def restart(self, child: Child) -> Child:
+        """Start ``child`` again with its arguments (its log continues); returns the new one."""
+        child.log_file.close()
+        self.children.remove(child)
+        self.spawn(child.name, child.args, env=child.env)
+        fresh = self.children[-1]
+        fresh.restarts = child.restarts + 1
+        return fresh
 
     def failed(self) -> Child | None:
         """A child that already exited, if any."""

@@ -83,7 +83,7 @@ def test_demo_runs_to_its_summary_and_report(tmp_path: Path, demo_inputs: tuple[
     ):
         assert name in metrics["coordinator"], name
     assert "moesaic_expert_latency_seconds_count" in metrics["edge-a"]
-    assert "moesaic_energy_joules_total" in metrics["edge-a"]
+    assert "\nmoesaic_model_energy_joules_total{" in metrics["edge-a"]  # attributed, as samples
     assert "moesaic_up" in metrics["ingest"]
 
 
@@ -102,6 +102,34 @@ def test_demo_stops_every_process_on_sigint(tmp_path: Path, demo_inputs: tuple[P
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=40)
     assert proc.returncode == 130, out
+    time.sleep(0.5)
+    assert processes_tagged(tag) == []
+
+
+def test_demo_restarts_a_component_that_dies_instead_of_stopping(
+    tmp_path: Path, demo_inputs: tuple[Path, Path]
+) -> None:
+    tag = f"demo-{uuid.uuid4().hex}"
+    proc = demo(*demo_inputs, tmp_path / "report", tag, "--duration", "8")
+    assert proc.stdout is not None
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "replaying" in line:
+            break
+    time.sleep(1.5)
+    bridges = [
+        p
+        for p in processes_tagged(tag)
+        if b" ingest " in Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
+    ]
+    assert len(bridges) == 1, lines
+    os.kill(bridges[0], signal.SIGKILL)  # as if it crashed
+    out, _ = proc.communicate(timeout=120)
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out
+    assert "ingest exited with status -9 and was restarted (1/3)" in out
+    assert "summary:" in out
     time.sleep(0.5)
     assert processes_tagged(tag) == []
 
