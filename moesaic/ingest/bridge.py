@@ -169,7 +169,11 @@ class Bridge:
         try:
             async for message in client.messages:
                 self._on_message(message)
-        except asyncio.CancelledError:
+        except aiomqtt.MqttError:
+            raise  # the connection is gone: the broker sends the last will (offline)
+        except BaseException:
+            # Stopping (cancelled) or ending abnormally: the clean DISCONNECT that follows would
+            # suppress the last will, so say offline ourselves first.
             with contextlib.suppress(aiomqtt.MqttError, asyncio.TimeoutError):
                 await asyncio.wait_for(
                     client.publish(status, OFFLINE, qos=1, retain=True), _PUBLISH_TIMEOUT_S

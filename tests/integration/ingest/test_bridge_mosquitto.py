@@ -392,3 +392,22 @@ async def test_every_frame_across_a_broker_restart_is_answered_or_counted(tmp_pa
     assert len(answered) + stats.errors + stats.dropped + stats.missing == 80
     assert answered_at[first_after] - restarted < 5.0
     assert bridge.stats.connects == 2
+
+
+async def test_a_bridge_ending_abnormally_leaves_its_status_offline(mosquitto, echo_coordinator):
+    """Fault injection: the serving loop itself fails (not a payload: those have their own error
+    boundary). The retained status must not stay `online` behind a clean disconnect."""
+    async with echo_coordinator() as (_, address), Bridge(config_for(mosquitto, address)) as bridge:
+
+        def broken(message: aiomqtt.Message) -> None:
+            raise RuntimeError("injected fault in the serving loop")
+
+        bridge._on_message = broken  # type: ignore[method-assign]
+        task = asyncio.create_task(bridge.run())
+        await asyncio.wait_for(bridge.connected.wait(), timeout=10)
+        await publish(mosquitto.url, ("moesaic/v1/sensors/s0/lidar", scan_bytes()))
+        with pytest.raises(RuntimeError, match="injected"):
+            await asyncio.wait_for(task, timeout=10)
+    async with collecting(mosquitto.url, "moesaic/v1/status/#") as out:
+        [status] = await out.wait_for("moesaic/v1/status/ingest")
+    assert status.payload == b"offline" and status.retain
