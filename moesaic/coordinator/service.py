@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from moesaic.coordinator.config import FleetConfig
@@ -39,8 +40,29 @@ COORDINATOR_SERVICE = "moesaic.v1.Coordinator"
 log = logging.getLogger(__name__)
 
 
+class MalformedRequest:
+    """Bytes that are not a ``PerceiveRequest``: answered INVALID_ARGUMENT, never UNKNOWN."""
+
+    request_id = ""
+    task = ""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def parse_request(data: bytes) -> Any:
+    """The ``PerceiveRequest`` in ``data``, or a :class:`MalformedRequest` saying why not
+    (grpc would answer a deserializer's exception with UNKNOWN)."""
+    try:
+        return moesaic_pb2.PerceiveRequest.FromString(data)
+    except DecodeError as exc:
+        return MalformedRequest(str(exc))
+
+
 def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
     """A ``PerceiveRequest`` as a :class:`PerceiveInput`; :class:`InvalidInput` naming the bad field."""
+    if isinstance(request, MalformedRequest):
+        raise InvalidInput(f"malformed PerceiveRequest: {request.error}", reason="malformed")
     if request.task not in FUSED_TASKS:
         raise InvalidInput(
             f"task: {quote(request.task)} is not one of {list(FUSED_TASKS)}", reason="unknown_task"
@@ -117,6 +139,21 @@ class CoordinatorServicer(moesaic_pb2_grpc.CoordinatorServicer):
         self.coordinator = coordinator
         self.metrics = metrics
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """``moesaic.v1.Coordinator`` with a deserializer that never raises (see :func:`parse_request`)."""
+        serialize = moesaic_pb2.PerceiveResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            COORDINATOR_SERVICE,
+            {
+                "Perceive": grpc.unary_unary_rpc_method_handler(
+                    self.Perceive, request_deserializer=parse_request, response_serializer=serialize
+                ),
+                "PerceiveStream": grpc.stream_stream_rpc_method_handler(
+                    self.PerceiveStream, request_deserializer=parse_request, response_serializer=serialize
+                ),
+            },
+        )
+
     def _count(self, method: str, code: grpc.StatusCode) -> None:
         if self.metrics is not None:
             self.metrics.requests.labels(method=method, code=code.name).inc()
@@ -173,7 +210,7 @@ async def serve(
         metrics.serve(settings.metrics_port)
     server = create_server(max_message_bytes=settings.max_message_bytes, aio=True)
     async with Coordinator(config, metrics=metrics) as coordinator:
-        moesaic_pb2_grpc.add_CoordinatorServicer_to_server(CoordinatorServicer(coordinator, metrics), server)
+        server.add_generic_rpc_handlers((CoordinatorServicer(coordinator, metrics).handler(),))
         health = add_health_and_reflection(server, [COORDINATOR_SERVICE])
         port = add_port(server, listen, tls=settings.tls)
         if bound is not None:

@@ -233,6 +233,11 @@ async def test_bad_requests_get_clear_errors(two_nodes: tuple[str, str]) -> None
             await stub.Perceive(bomb, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "decompression bomb" in info.value.details() and "0x" not in info.value.details()
+        with pytest.raises(grpc.aio.AioRpcError) as info:  # not a PerceiveRequest at all
+            await channel.unary_unary("/moesaic.v1.Coordinator/Perceive")(
+                b"\xff\xff garbage \x00", timeout=10
+            )
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "malformed" in info.value.details()
         with pytest.raises(grpc.aio.AioRpcError) as info:
             seg = x_request(np.zeros(FEATURES))
             seg.task = "bev_segmentation"

@@ -73,6 +73,15 @@ def test_node_still_serves_after_the_fuzzing(node: NodeServer) -> None:
     assert outputs["y"].tolist() == (np.arange(8, dtype=np.float32).reshape(2, 4) + 1).tolist()
 
 
+def test_a_huge_model_name_is_not_found_and_not_echoed(node: NodeServer) -> None:
+    with grpc.insecure_channel(node.address) as channel, pytest.raises(grpc.RpcError) as info:
+        channel.unary_unary(INFER)(
+            encode_request("m" * 20_000, {"x": np.ones((1, 4), np.float32)}), timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(info.value.details() or "") < 400 and "20000 chars" in (info.value.details() or "")
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_point_clouds_must_be_finite(tmp_path: Path, bad: float) -> None:
     write_identity_model(tmp_path, "pts", [("points", "FP32", (-1, 4))])
