@@ -233,11 +233,23 @@ class ServedModel:
             raise InvalidInput(f"model {self.name!r}: {exc}", reason="bad_input") from None
 
     def run(self, engine_inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One engine call (``Unavailable`` when the model is not loaded)."""
+        """One engine call (``Unavailable`` when the model is not loaded).
+
+        An engine reports bad input as ``ValueError`` (the Engine contract): without a processor
+        the input is the client's, so that is :class:`InvalidInput`; behind a processor it is the
+        processor's output, a bug (INTERNAL).
+        """
         engine = self.engine
         if engine is None:
             raise Unavailable(f"model {self.name!r} is not loaded")
-        return engine.infer(engine_inputs)
+        try:
+            return engine.infer(engine_inputs)
+        except InvalidInput:
+            raise
+        except ValueError as exc:
+            if self.processor is not None:
+                raise
+            raise InvalidInput(f"model {self.name!r}: {exc}", reason="bad_input") from None
 
     def zero_inputs(self) -> dict[str, np.ndarray]:
         """Zeros for one engine call (batch 1): the liveness probe's input."""
