@@ -37,14 +37,13 @@ from typing import Any
 
 import grpc
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from moesaic.nodes.codec import decode_response, encode_request  # noqa: E402
 from moesaic.proto import inference_pb2  # noqa: E402
+from tests.helpers.onnx_models import write_matmul_model  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODES = {"mlp": "without batching", "mlp_batched": "dynamic batching"}
@@ -54,30 +53,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def write_mlp(folder: Path, width: int, layers: int, model_yaml: str) -> None:
-    """``layers`` x (MatMul [width, width] + Relu) on FP32 ``x [N, width]`` -> ``y [N, width]``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    nodes, inits, prev = [], [], "x"
-    for i in range(layers):
-        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
-        inits.append(numpy_helper.from_array(w, f"w{i}"))
-        out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
-        nodes.append(helper.make_node("Relu", [f"m{i}"], [out]))
-        prev = out
-    graph = helper.make_graph(
-        nodes,
-        "mlp",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", width])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", width])],
-        initializer=inits,
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    onnx.save(model, str(folder / "model.onnx"))
-    (folder / "model.yaml").write_text(model_yaml)
 
 
 @contextlib.contextmanager
@@ -200,14 +175,13 @@ def main() -> int:
 
     models = Path(tempfile.mkdtemp(prefix="node-batching-")) / "models"
     engine = f"engine: {{type: onnxruntime, intra_op_threads: {args.intra_op_threads}}}\n"
-    write_mlp(models / "mlp", args.width, args.layers, engine)
-    write_mlp(
-        models / "mlp_batched",
-        args.width,
-        args.layers,
-        engine
-        + f"dynamic_batching: {{max_batch_size: {args.max_batch}, max_queue_delay_us: {args.delay_us}}}\n",
+    batching = (
+        f"dynamic_batching: {{max_batch_size: {args.max_batch}, max_queue_delay_us: {args.delay_us}}}\n"
     )
+    for name, yaml_text in (("mlp", engine), ("mlp_batched", engine + batching)):
+        write_matmul_model(
+            models, name, width=args.width, layers=args.layers, relu=True, model_yaml=yaml_text
+        )
     metrics_port = free_port()
     done: dict[str, int] = dict.fromkeys(MODES, 0)
     elapsed: dict[str, float] = dict.fromkeys(MODES, 0.0)

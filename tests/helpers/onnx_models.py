@@ -90,9 +90,16 @@ def write_add_model(
 
 
 def write_matmul_model(
-    root: Path, name: str, *, width: int = 256, layers: int = 4, model_yaml: str | None = None
+    root: Path,
+    name: str,
+    *,
+    width: int = 256,
+    layers: int = 4,
+    relu: bool = False,
+    model_yaml: str | None = None,
 ) -> Path:
-    """Folder ``root/name``: FP32 ``x [N, width]`` through ``layers`` fixed matrices -> ``y``.
+    """Folder ``root/name``: FP32 ``x [N, width]`` through ``layers`` fixed matrices (each followed
+    by a Relu with ``relu``) -> ``y``.
 
     A model whose run time is mostly compute (a few ms for 64 rows on one core), for energy
     and queueing tests where the request path's own overhead must not dominate.
@@ -103,7 +110,11 @@ def write_matmul_model(
         w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
         weights.append(numpy_helper.from_array(w, f"w{i}"))
         out = "y" if i == layers - 1 else f"h{i}"
-        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out]))
+        if relu:
+            nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"m{i}"]))
+            nodes.append(helper.make_node("Relu", [f"m{i}"], [out]))
+        else:
+            nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [out]))
         previous = out
     graph = helper.make_graph(
         nodes,
