@@ -81,6 +81,12 @@ class Metrics:
             ["model", "device"],
             registry=r,
         )
+        self.model_info = Gauge(
+            "moesaic_model_info",
+            "1 for each loaded model: where it really runs (device) and through what (engine, provider).",
+            ["model", "version", "engine", "device", "provider"],
+            registry=r,
+        )
         self.requests = Counter(
             "moesaic_requests", "Requests handled, by gRPC status code.", ["method", "code"], registry=r
         )

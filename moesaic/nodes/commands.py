@@ -25,6 +25,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", help="cpu, cuda:N, jetson or auto (default cpu)")
     parser.add_argument("--node-id", help="name of this node in the fleet (default: host name)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    parser.add_argument(
+        "--allow-cpu-fallback",
+        action="store_const",
+        const=True,
+        default=None,
+        help="on a GPU or Jetson node, serve models that cannot use it on the CPU (default: refuse to start)",
+    )
     parser.set_defaults(func=run_node)
 
 
@@ -39,6 +46,7 @@ def run_node(args: argparse.Namespace) -> int:
         "device": args.device,
         "node_id": args.node_id,
         "metrics_port": args.metrics_port,
+        "allow_cpu_fallback": args.allow_cpu_fallback,
     }
     try:
         config = load_node_config(args.config, overrides=overrides)

@@ -59,6 +59,11 @@ class NodeConfig(BaseModel):
     )
     metrics_host: str = Field("127.0.0.1", description="Address the metrics endpoint binds.")
     grace_seconds: float = Field(10.0, ge=0, description="How long in-flight requests may finish on SIGTERM.")
+    allow_cpu_fallback: bool = Field(
+        False,
+        description="On a cuda or jetson node, serve a model on the CPU when its engine cannot use the "
+        "accelerator; by default the node refuses to start instead.",
+    )
     energy_interval_s: float = Field(
         0.1,
         gt=0,

@@ -36,7 +36,7 @@ from moesaic.runtime.devices import DeviceInfo
 from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine, parse_engine_config
 from moesaic.runtime.processing import Processor, create_processor
 
-__all__ = ["ModelSpec", "ServedModel", "load_model_spec", "scan_models"]
+__all__ = ["FallbackRefused", "ModelSpec", "ServedModel", "load_model_spec", "scan_models"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,24 @@ class ModelSpec(BaseModel):
         if value is not None and not isinstance(value.get("type"), str):
             raise ValueError("processor needs a 'type' naming a registered processor")
         return value
+
+
+class FallbackRefused(RuntimeError):
+    """A model would run on the CPU of an accelerator node, and the node does not allow that."""
+
+
+def _fallback_reason(engine: str, device: DeviceInfo, details: Mapping[str, str]) -> str:
+    if engine == "onnxruntime":
+        missing = (
+            f"ONNX Runtime has no GPU execution provider here (available: {details.get('available', '?')}); "
+            "install the GPU runtime (pip install 'moesaic[gpu]', which brings onnxruntime-gpu)"
+        )
+    else:
+        missing = f"the {engine} engine placed it on the CPU"
+    return (
+        f"would run on cpu, not {device.id}: {missing}; or start the node with --allow-cpu-fallback "
+        "(allow_cpu_fallback: true) to serve it on the CPU anyway"
+    )
 
 
 def load_model_spec(folder: Path) -> tuple[ModelSpec, EngineConfig]:
@@ -146,6 +164,7 @@ class ServedModel:
         self.input_specs: dict[str, TensorSpec] = {}
         self.output_names: frozenset[str] = frozenset()
         self.device = ""
+        self.provider = ""
         self.class_names: list[str] = list(spec.class_names)
         self.batcher: DynamicBatcher | None = None
         self._lock = threading.Lock()
@@ -161,7 +180,7 @@ class ServedModel:
     def _config_for(self, device: DeviceInfo) -> EngineConfig:
         config = self.engine_config
         fields = type(config).model_fields
-        if "providers" in fields and getattr(config, "providers", None) is None and device.kind != "cuda":
+        if "providers" in fields and getattr(config, "providers", None) is None and device.kind == "cpu":
             config = config.model_copy(update={"providers": ["CPUExecutionProvider"]})
         if "device_id" in fields and device.kind == "cuda" and "device_id" not in config.model_fields_set:
             config = config.model_copy(update={"device_id": device.index})
@@ -176,6 +195,7 @@ class ServedModel:
         *,
         cost: CostMeter | None = None,
         on_batch: Callable[[int, int], None] | None = None,
+        allow_cpu_fallback: bool = False,
     ) -> None:
         """Build and warm up the engine (and processor); on failure the model is ``failed``.
 
@@ -189,6 +209,8 @@ class ServedModel:
                 engine = create_engine(self._config_for(device), self.folder)
                 engine.load()
                 described = engine.describe()
+                if device.kind != "cpu" and described.device == "cpu" and not allow_cpu_fallback:
+                    raise FallbackRefused(_fallback_reason(self.engine_type, device, described.details))
                 batching = self.spec.dynamic_batching
                 if batching is not None:
                     check_batchable(described, engine.infer, f"{self.folder / MODEL_FILE}: dynamic_batching")
@@ -200,6 +222,7 @@ class ServedModel:
                 if processor and processor.class_names():
                     self.class_names = processor.class_names()
                 self.device = described.device
+                self.provider = described.details.get("provider", described.backend)
                 self.input_specs = {s.name: s for s in self.inputs}
                 self.output_names = frozenset(s.name for s in self.outputs)
                 if batching is not None:

@@ -151,10 +151,24 @@ class NodeServer:
     def _load_one(self, model: ServedModel) -> None:
         if self._stopping:
             return
-        model.load(self.device, cost=self.cost, on_batch=self._batch_observer(model.name))
+        model.load(
+            self.device,
+            cost=self.cost,
+            on_batch=self._batch_observer(model.name),
+            allow_cpu_fallback=self.config.allow_cpu_fallback,
+        )
         if model.ready:
             self._health.set(model.name, SERVING)
-            log.info("model %s ready on %s", model.name, model.device)
+            self.metrics.model_info.labels(
+                model=model.name,
+                version="1",
+                engine=model.engine_type,
+                device=model.device,
+                provider=model.provider,
+            ).set(1)
+            log.info(
+                "model %s ready on %s (%s, %s)", model.name, model.device, model.engine_type, model.provider
+            )
 
     def _batch_observer(self, name: str) -> Callable[[int, int], None]:
         rows = self.metrics.batch_rows.labels(expert=name)
@@ -266,6 +280,13 @@ class NodeServer:
             load: asyncio.Future[Any] = loop.run_in_executor(None, self.load_models)
             stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
             await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+            refused = [m for m in self.models.values() if m.error.startswith("FallbackRefused")]
+            if refused and not stop.is_set():
+                for model in refused:
+                    log.error("model %s %s", model.name, model.error.removeprefix("FallbackRefused: "))
+                notify_stopping()
+                await loop.run_in_executor(None, self.stop)
+                return 2
             if not stop.is_set():
                 failed = [m.name for m in self.models.values() if m.state == "failed"]
                 status = f"serving {len(self.models) - len(failed)} model(s) on {self.address}"

@@ -191,6 +191,8 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
                 state=model.state,
                 class_names=model.class_names,
                 error=model.error,
+                device=model.device,
+                provider=model.provider,
             )
             if model.ready:
                 queue = self.plane.queue_state(model)

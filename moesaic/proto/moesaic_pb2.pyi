@@ -164,6 +164,8 @@ class ModelDescription(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     EXPECTED_WAIT_MS_FIELD_NUMBER: _builtins.int
+    DEVICE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """What the model does, e.g. "bev_segmentation", "bev_reconstruction", "detection", "vlm"."""
@@ -178,6 +180,10 @@ class ModelDescription(_message.Message):
     """Requests running or waiting for this model now."""
     expected_wait_ms: _builtins.float
     """How long a request arriving now should expect to wait before it runs, ms."""
+    device: _builtins.str
+    """Where the model really runs once loaded: "cpu", "cuda:0", ..."""
+    provider: _builtins.str
+    """What runs it: the ONNX Runtime execution provider, else the engine's backend name."""
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelProfile]: ...
     @_builtins.property
@@ -197,10 +203,12 @@ class ModelDescription(_message.Message):
         error: _builtins.str = ...,
         queue_depth: _builtins.int = ...,
         expected_wait_ms: _builtins.float = ...,
+        device: _builtins.str = ...,
+        provider: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "queue_depth", b"queue_depth", "ready", b"ready", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "device", b"device", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "provider", b"provider", "queue_depth", b"queue_depth", "ready", b"ready", "state", b"state", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -201,7 +201,12 @@ class OnnxRuntimeEngine(Engine):
             device=self._device,
             inputs=self._inputs,
             outputs=self._outputs,
-            details={"providers": ",".join(self._session.get_providers()), "file": str(self.path)},
+            details={
+                "providers": ",".join(self._session.get_providers()),
+                "provider": self._session.get_providers()[0],
+                "available": ",".join(self._ort.get_available_providers()),
+                "file": str(self.path),
+            },
         )
 
     # -------------------------------------------------------------- inference
