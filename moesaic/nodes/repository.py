@@ -98,7 +98,7 @@ def _fallback_reason(engine: str, device: DeviceInfo, details: Mapping[str, str]
     if engine == "onnxruntime":
         missing = (
             f"ONNX Runtime has no GPU execution provider here (available: {details.get('available', '?')}); "
-            "install the GPU runtime (pip install 'moesaic[gpu]', which brings onnxruntime-gpu)"
+            "install onnxruntime-gpu in place of onnxruntime (NVIDIA's onnxruntime wheel on a Jetson)"
         )
     else:
         missing = f"the {engine} engine placed it on the CPU"
