@@ -304,9 +304,10 @@ class Demo:
             receiver = asyncio.create_task(self._receive(client, online))
             try:
                 await self._until(online, tree, 30, "the bridge did not come online within 30 s")
+                stop = asyncio.Event()
                 publishers = [
-                    asyncio.create_task(self._publish_lidar(client)),
-                    asyncio.create_task(self._publish_camera(client)),
+                    asyncio.create_task(self._publish_lidar(client, stop)),
+                    asyncio.create_task(self._publish_camera(client, stop)),
                 ]
                 live = self.console.is_terminal and not self.args.no_live
                 end = time.monotonic() + self.args.duration
@@ -326,15 +327,24 @@ class Demo:
                         elif time.monotonic() - last_line > 5:
                             last_line = time.monotonic()
                             self.console.print(_progress_line(self.stats))
-                    for task in publishers:
-                        task.cancel()
-                    await asyncio.gather(*publishers, return_exceptions=True)
+                    await self._stop_publishing(stop, publishers)
                     await self._drain(view)
             finally:
                 receiver.cancel()
-                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError):
-                    await receiver
+                with contextlib.suppress(asyncio.CancelledError, aiomqtt.MqttError, TimeoutError):
+                    await asyncio.wait_for(receiver, 5)
         return 0
+
+    @staticmethod
+    async def _stop_publishing(stop: asyncio.Event, publishers: list[asyncio.Task[None]]) -> None:
+        """End the replay: the publishers see ``stop`` at their next frame, and are cancelled too;
+        neither alone is trusted to end a publish stuck in the MQTT client."""
+        stop.set()
+        for task in publishers:
+            task.cancel()
+        _, pending = await asyncio.wait(publishers, timeout=5)
+        if pending:
+            log.warning("%d publisher(s) did not stop within 5 s", len(pending))
 
     async def _until(self, event: asyncio.Event, tree: Any, timeout: float, message: str) -> None:
         deadline = time.monotonic() + timeout
@@ -376,12 +386,13 @@ class Demo:
             except (ValueError, KeyError) as exc:
                 log.warning("unreadable message on %s: %s", topic, exc)
 
-    async def _publish_lidar(self, client: Any) -> None:
+    async def _publish_lidar(self, client: Any, stop: asyncio.Event) -> None:
         from moesaic.proto import moesaic_pb2
 
         scans = [p.read_bytes() for p in self.lidar]
         await self._publish_loop(
             client,
+            stop,
             LIDAR_SENSOR,
             "lidar",
             self.args.lidar_hz,
@@ -392,12 +403,13 @@ class Demo:
             ),
         )
 
-    async def _publish_camera(self, client: Any) -> None:
+    async def _publish_camera(self, client: Any, stop: asyncio.Event) -> None:
         from moesaic.proto import moesaic_pb2
 
         frames = [p.read_bytes() for p in self.camera]
         await self._publish_loop(
             client,
+            stop,
             CAMERA_SENSOR,
             "camera",
             self.args.camera_hz,
@@ -415,6 +427,7 @@ class Demo:
     async def _publish_loop(
         self,
         client: Any,
+        stop: asyncio.Event,
         sensor: str,
         kind: str,
         hz: float,
@@ -430,6 +443,8 @@ class Demo:
         period = 1.0 / hz
         start = time.monotonic()
         for i, (data, (latency, energy)) in enumerate(zip(itertools.cycle(frames), itertools.cycle(budgets))):
+            if stop.is_set():
+                return
             budget = moesaic_pb2.Budget(latency_ms=latency, energy_mj=energy)
             payload = envelope(data, i, budget).SerializeToString()
             self.stats.published(sensor, kind, i, image=data if kind == "camera" else None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
@@ -85,3 +86,13 @@ def test_nms_matches_torchvision() -> None:
     for iou in (0.3, 0.5, 0.7):
         ref = torchvision.ops.nms(torch.from_numpy(boxes), torch.from_numpy(scores), iou).numpy()
         assert nms(boxes, scores, iou).tolist() == ref.tolist()
+
+
+def test_letterbox_is_the_same_with_and_without_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cv2")
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 256, (375, 1242, 3), dtype=np.uint8)  # a KITTI frame's shape
+    fast, info = letterbox(image, 320)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails: the numpy oracle runs
+    slow, info_slow = letterbox(image, 320)
+    assert np.array_equal(fast, slow) and info == info_slow
