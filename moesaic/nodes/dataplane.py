@@ -10,8 +10,9 @@ here knows about gRPC. A model without dynamic batching waits in its
 dropped before it starts, never computed); a model with it goes through its
 :class:`~moesaic.nodes.batching.DynamicBatcher`. Accounting is the device's
 :class:`~moesaic.runtime.cost.CostMeter`: the request's busy time (pre + engine share +
-post) is registered there and its energy is the model's attributed joules per busy second
-times that time; no meter is read on the request path.
+post) is registered there, the meter splits each interval's dynamic energy by busy time, and a
+reply carries the model's attributed joules per completed request; no meter is read on the
+request path.
 
 >>> # plane = DataPlane(models, cost, metrics)
 >>> # reply = plane.infer(plane.ready_model("yolo-n"), {"image": frame}, {}, deadline=t)
