@@ -91,11 +91,11 @@ class DynamicBatchingConfig(BaseModel):
 
 @dataclass(frozen=True)
 class BatchShare:
-    """One request's part of a batch: its output rows and its share of the batch's cost."""
+    """One request's part of a batch: its output rows and its share of the batch's engine time
+    (its energy is the cost meter's business)."""
 
     outputs: Tensors
     seconds: float
-    joules: float
     batch_rows: int
     batch_requests: int
 
@@ -399,7 +399,6 @@ class DynamicBatcher:
         except Exception as exc:
             self._fail(batch, total, exc)
             return
-        joules = cost.energy_j(self.name) * len(batch) if cost else 0.0
         if self._on_batch is not None:
             try:
                 self._on_batch(total, len(batch))
@@ -414,7 +413,7 @@ class DynamicBatcher:
             )
             offset += n
             share = n / total if total else 1.0 / len(batch)
-            self._finish(pending, BatchShare(part, seconds * share, joules * share, total, len(batch)))
+            self._finish(pending, BatchShare(part, seconds * share, total, len(batch)))
 
     def _fail(self, batch: list[_Pending], total: int, exc: Exception) -> None:
         if len(batch) == 1:

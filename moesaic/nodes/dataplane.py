@@ -149,7 +149,7 @@ class DataPlane:
         # One clock (monotonic) for the queue, the cost meter and the stages: four reads a request.
         cost, queue, name, clock = self.cost, self.queues[model.name], model.name, time.monotonic
         slot = queue.enter(deadline, alive=alive)
-        t0 = t3 = slot.started
+        t0 = slot.started
         work = cost.begin(name, t0)
         try:
             if model.processor is None:  # the engine's tensors are the node's: no stages around it
@@ -163,11 +163,13 @@ class DataPlane:
                 t2 = clock()
                 outputs = model.postprocess(raw, context)
                 t3 = clock()
-        finally:
-            if t3 == t0:
-                t3 = clock()
-            cost.end(work, now=t3)
-            queue.leave(slot, t3)
+        except BaseException:
+            failed = clock()
+            cost.end(work, now=failed)
+            queue.leave(slot, failed)
+            raise
+        cost.end(work, now=t3)
+        queue.leave(slot, t3)
         self._last_done[name] = t3
         return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2)
 
