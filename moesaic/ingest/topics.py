@@ -17,6 +17,8 @@ topic                                        qos   retain   payload
 ('s0', 'lidar')
 >>> sensor_subscriptions(group="fleet")
 ['$share/fleet/moesaic/v1/sensors/+/lidar', '$share/fleet/moesaic/v1/sensors/+/camera']
+>>> parse_result_topic("moesaic/v1/results/s0/bev_segmentation/png")
+('s0', 'bev_segmentation', True)
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ __all__ = [
     "SENSOR_KINDS",
     "SensorKind",
     "error_topic",
+    "monitor_subscriptions",
+    "parse_error_topic",
+    "parse_result_topic",
     "parse_sensor_topic",
+    "parse_status_topic",
     "result_image_topic",
     "result_topic",
     "sensor_subscriptions",
@@ -106,4 +112,44 @@ def sensor_subscriptions(group: str | None = None, sensors: tuple[str, ...] = ()
     if group:
         validate_segment(group, "group")
         filters = [f"$share/{group}/{f}" for f in filters]
+    return filters
+
+
+def parse_result_topic(topic: str) -> tuple[str, str, bool]:
+    """``(sensor_id, task, is_png)`` of a result topic (JSON, or its ``/png``); ``ValueError`` otherwise."""
+    parts = topic.split("/")
+    png = len(parts) == 6 and parts[5] == "png"
+    shape_ok = len(parts) == 5 or png
+    if not shape_ok or "/".join(parts[:3]) != f"{PREFIX}/results":
+        raise ValueError(f"topic {topic!r} is not {PREFIX}/results/{{sensor_id}}/{{task}}[/png]")
+    return validate_segment(parts[3], "sensor id"), validate_segment(parts[4], "task"), png
+
+
+def parse_status_topic(topic: str) -> str:
+    """The component of a status topic; ``ValueError`` otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 4 or "/".join(parts[:3]) != f"{PREFIX}/status":
+        raise ValueError(f"topic {topic!r} is not {PREFIX}/status/{{component}}")
+    return validate_segment(parts[3], "component")
+
+
+def parse_error_topic(topic: str) -> str:
+    """The sensor id of an error topic; ``ValueError`` otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 4 or "/".join(parts[:3]) != f"{PREFIX}/errors":
+        raise ValueError(f"topic {topic!r} is not {PREFIX}/errors/{{sensor_id}}")
+    return validate_segment(parts[3], "sensor id")
+
+
+def monitor_subscriptions(*, camera_frames: bool = True) -> list[str]:
+    """Topic filters of a fleet monitor (the dashboard): every result JSON and PNG, status and
+    error; with ``camera_frames`` the camera frames too (to draw detections on)."""
+    filters = [
+        f"{PREFIX}/results/+/+",
+        f"{PREFIX}/results/+/+/png",
+        f"{PREFIX}/status/+",
+        f"{PREFIX}/errors/+",
+    ]
+    if camera_frames:
+        filters.append(f"{PREFIX}/sensors/+/camera")
     return filters
