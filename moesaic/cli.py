@@ -26,6 +26,7 @@ _COMMAND_MODULES = (
     "moesaic.models.ppn.commands",
     "moesaic.models.detector.commands",
     "moesaic.models.florence2.commands",
+    "moesaic.dashboard.commands",
     "moesaic.demo",
 )
 
