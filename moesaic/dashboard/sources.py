@@ -167,6 +167,7 @@ def summarise_metrics(text: str) -> dict[str, Any]:
         "frames_dropped": 0.0,
         "frames_missing": 0.0,
         "requests_expired": 0.0,
+        "requests_shed": 0.0,
     }
     names = {
         "moesaic_selections_total": "selections",
@@ -175,6 +176,7 @@ def summarise_metrics(text: str) -> dict[str, Any]:
         "moesaic_mqtt_frames_dropped_total": "frames_dropped",
         "moesaic_mqtt_frames_missing_total": "frames_missing",
         "moesaic_requests_expired_total": "requests_expired",
+        "moesaic_requests_shed_total": "requests_shed",
     }
     violations: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
@@ -191,7 +193,8 @@ def summarise_metrics(text: str) -> dict[str, Any]:
             elif sample.name in names:
                 counters[names[sample.name]] += value
                 if sample.name == "moesaic_budget_violations_total":
-                    key = f"{labels.get('task', '')} {labels.get('kind', '')}".strip()
+                    why = labels.get("reason") or labels.get("kind", "")
+                    key = f"{labels.get('task', '')} {why}".strip()
                     violations[key] = violations.get(key, 0.0) + value
     return {
         "component": component,
