@@ -95,8 +95,22 @@ class Metrics:
         )
         self.budget_violations = Counter(
             "moesaic_budget_violations",
-            "Results that did not meet their budget; kind is 'latency', 'energy' or 'infeasible'.",
+            "Results that did not meet their budget, by reason: 'no_feasible_set', 'expert_failed', "
+            "'deadline_missed' or 'energy_over'.",
+            ["task", "reason"],
+            registry=r,
+        )
+        self.requests_shed = Counter(
+            "moesaic_requests_shed",
+            "Requests refused because no expert set fitted their budget (task policy 'shed').",
+            ["task"],
+            registry=r,
+        )
+        self.prediction_error = Histogram(
+            "moesaic_prediction_error_ratio",
+            "Measured / predicted cost of a request's expert set; kind is 'latency' or 'energy'.",
             ["task", "kind"],
+            buckets=(0.25, 0.5, 0.67, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0),
             registry=r,
         )
         self.frames_dropped = Counter(

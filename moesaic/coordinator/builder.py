@@ -76,7 +76,7 @@ async def build_validation(
             kind = this_kind
             columns = []
             for e in pool:
-                result = await registry.client(e).infer(
+                result = await registry.client(e.replica).infer(
                     e.model, inputs, parameters=params or None, timeout=timeout_s
                 )
                 columns.append(score_rows(task, result.outputs, labels, seed=f))

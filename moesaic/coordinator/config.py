@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -51,6 +51,9 @@ class BudgetConfig(_Strict):
     latency_ms: float = Field(0.0, ge=0, description="Latency budget in ms; 0 = unbounded.")
     energy_mj: float = Field(0.0, ge=0, description="Energy budget in mJ; 0 = unbounded.")
 
+    def as_tuple(self) -> tuple[float, float]:
+        return self.latency_ms, self.energy_mj
+
 
 class CoordinatorSettings(_Strict):
     overhead_ms: float = Field(2.0, ge=0, description="Network round trip + fusion time added to every set.")
@@ -58,13 +61,18 @@ class CoordinatorSettings(_Strict):
         default_factory=lambda: BudgetConfig.model_validate({}),
         description="Budget of requests that carry none.",
     )
-    expert_timeout_ms: float = Field(
-        10000.0, gt=0, description="Per-expert deadline when the latency budget is unbounded."
+    default_deadline_ms: float = Field(
+        10000.0,
+        gt=0,
+        description="How long a request may take at most when its caller sets no deadline "
+        "(failover still runs within it).",
     )
+    expert_timeout_ms: float = Field(10000.0, gt=0, description="Longest wait for one expert call.")
     deadline_slack: float = Field(
         3.0,
         ge=1,
-        description="An expert is dropped after slack x its predicted latency (+ deadline_margin_ms).",
+        description="An expert is given up after slack x its predicted latency + deadline_margin_ms "
+        "(hang detection); a budget's end may stop it earlier.",
     )
     deadline_margin_ms: float = Field(50.0, ge=0, description="Added to every per-expert deadline.")
     max_experts: int = Field(
@@ -125,6 +133,11 @@ class TaskSettings(_Strict):
     )
     input_kind: str | None = Field(
         None, description="Features of a task without a gate: points, image or tensor."
+    )
+    on_infeasible: Literal["best_effort", "shed"] = Field(
+        "best_effort",
+        description="When no expert set fits a request's budget: run the cheapest expert anyway "
+        "(budget_met=false, reason no_feasible_set) or refuse it (RESOURCE_EXHAUSTED).",
     )
 
 

@@ -1,12 +1,17 @@
-"""The two levels of MoE² selection over the registry's live experts.
+"""The two levels of MoE² selection over the experts a request may use (pure: no I/O).
+
+The caller passes the experts on offer now (:meth:`Registry.experts
+<moesaic.coordinator.registry.Registry.experts>`, each with its predicted cost) and the
+registry's ``epoch``; the planner never calls back.
 
 - **Coarse** (:meth:`Planner.pool`): the exact branch-and-bound solution S* of the task's
-  validation table under the budget, cached per (task, budget bucket, experts up, profile
-  epoch). Budgets are rounded *down* to powers of ``budget_bucket_ratio``, so a cached pool
+  validation table under the budget, cached per (task, budget bucket, experts on offer,
+  profile epoch). Budgets are rounded *down* to powers of ``budget_bucket_ratio``, so a cached pool
   fits every budget of its bucket under the profiles it was solved with.
 - **Fine** (:meth:`Planner.plan`): per request, experts of S* in order of the request's gate
   weights (top-k), each added only while the set still fits the request's own budget under the
-  live profiles. When nothing fits, the cheapest expert runs and the plan says feasible=False.
+  predicted costs (queue wait included). When nothing fits, the plan names the cheapest expert
+  and says feasible=False.
 
 A task without a gate or validation table uses the prior weights of the fleet config and the
 whole pool (still re-checked against the budget).
@@ -17,7 +22,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +30,11 @@ import numpy as np
 
 from moesaic.coordinator.config import CoordinatorSettings, TaskSettings
 from moesaic.coordinator.gate import Gate
-from moesaic.coordinator.registry import Expert, Registry
+from moesaic.coordinator.registry import Expert
 from moesaic.coordinator.selection import Budget, solve
 from moesaic.coordinator.validation import ValidationTable
 
-__all__ = ["Plan", "Planner", "TaskModel", "load_task_models"]
+__all__ = ["Plan", "Planner", "TaskModel", "cheapest", "load_task_models", "set_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ def load_task_models(tasks: Mapping[str, TaskSettings]) -> dict[str, TaskModel]:
 class _Pool:
     """A cached coarse pool with the gate's columns for it, so a request costs one small matmul."""
 
-    experts: tuple[Expert, ...]
+    ids: tuple[str, ...]
     weights_cols: np.ndarray | None
     bias_cols: np.ndarray | None
     prior: np.ndarray | None
@@ -85,16 +90,17 @@ class _Pool:
             w = tm.gate.weights[:, cols] / tm.gate.scale[:, None]
             b = tm.gate.bias[cols] - (tm.gate.mean / tm.gate.scale) @ tm.gate.weights[:, cols]
             columns = tuple((float(b[j]), tuple(w[:, j].tolist())) for j in range(len(cols)))
-            return cls(tuple(experts), w, b, None, columns if len(cols) * w.shape[0] <= 512 else None)
+            ids = tuple(e.id for e in experts)
+            return cls(ids, w, b, None, columns if len(cols) * w.shape[0] <= 512 else None)
         prior = np.array([e.weight for e in experts], np.float64)
-        return cls(tuple(experts), None, None, prior / prior.sum() if len(prior) else prior)
+        return cls(tuple(e.id for e in experts), None, None, prior / prior.sum() if len(prior) else prior)
 
     def weights(self, tm: TaskModel, features: np.ndarray | None) -> list[float]:
         """Gate weights of one request renormalised over this pool (softmax over its columns)."""
         if self.weights_cols is None or self.bias_cols is None or tm.gate is None or features is None:
             if self.prior is not None:
                 return [float(p) for p in self.prior]
-            return [1.0 / len(self.experts)] * len(self.experts)
+            return [1.0 / len(self.ids)] * len(self.ids)
         if self.columns is None:  # large pools: numpy
             z = features @ self.weights_cols + self.bias_cols
             e = np.exp(z - z.max())
@@ -139,11 +145,8 @@ def set_cost(
 
 
 class Planner:
-    def __init__(
-        self, settings: CoordinatorSettings, registry: Registry, tasks: Mapping[str, TaskModel]
-    ) -> None:
+    def __init__(self, settings: CoordinatorSettings, tasks: Mapping[str, TaskModel]) -> None:
         self.settings = settings
-        self.registry = registry
         self.tasks = dict(tasks)
         self._cache: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._pools: dict[tuple[object, ...], _Pool] = {}
@@ -152,45 +155,45 @@ class Planner:
     def task_model(self, task: str) -> TaskModel:
         return self.tasks.get(task) or TaskModel(task)
 
-    def candidates(self, task: str, exclude: Collection[str] = ()) -> list[Expert]:
-        """Experts of ``task`` in the pool that the task's gate knows (all when it has none)."""
+    def candidates(self, task: str, experts: Sequence[Expert]) -> list[Expert]:
+        """The ``experts`` that the task's gate knows (all when it has none)."""
         tm = self.task_model(task)
         known = set(tm.gate.experts) if tm.gate else (set(tm.table.experts) if tm.table else None)
-        return [
-            e for e in self.registry.experts(task) if e.id not in exclude and (known is None or e.id in known)
-        ]
+        return [e for e in experts if known is None or e.id in known]
 
-    def pool(self, task: str, budget: Budget, exclude: Collection[str] = ()) -> list[Expert]:
+    def pool(self, task: str, experts: Sequence[Expert], budget: Budget, epoch: int = 0) -> list[Expert]:
         """Coarse level: the cached exact optimum S* for the budget's bucket (empty when none fits)."""
-        return list(self._pool(task, budget, exclude).experts)
+        cands = self.candidates(task, experts)
+        by_id = {e.id: e for e in cands}
+        return [by_id[i] for i in self._pool(task, cands, budget, epoch).ids]
 
-    def _pool(self, task: str, budget: Budget, exclude: Collection[str] = ()) -> _Pool:
-        fast_key = (task, budget.latency_ms, budget.energy_mj, self.registry.epoch) if not exclude else None
-        if fast_key is not None and (hit := self._pools.get(fast_key)) is not None:
+    def _pool(self, task: str, cands: list[Expert], budget: Budget, epoch: int) -> _Pool:
+        ids = tuple(e.id for e in cands)
+        key = (task, budget.latency_ms, budget.energy_mj, epoch, ids)
+        hit = self._pools.get(key)
+        if hit is not None:
             return hit
         ratio = self.settings.budget_bucket_ratio
         bucketed = Budget(_bucket(budget.latency_ms, ratio), _bucket(budget.energy_mj, ratio))
-        cands = self.candidates(task, exclude)
         tm = self.task_model(task)
         if cands and tm.table is not None and tm.table_gate is not None:
-            ids = self._solve(tm, cands, bucketed)
-            if not ids and bucketed != budget:
+            chosen_ids = self._solve(tm, cands, bucketed, epoch)
+            if not chosen_ids and bucketed != budget:
                 # Rounding the budget down made it infeasible: solve the request's own budget.
-                ids = self._solve(tm, cands, budget)
+                chosen_ids = self._solve(tm, cands, budget, epoch)
             by_id = {e.id: e for e in cands}
-            chosen = [by_id[i] for i in ids]
+            chosen = [by_id[i] for i in chosen_ids]
         else:
-            chosen = cands
+            chosen = list(cands)
         pool = _Pool.of(tm, chosen)
-        if fast_key is not None:
-            if len(self._pools) > 4096:
-                self._pools.clear()
-            self._pools[fast_key] = pool
+        if len(self._pools) > 4096:
+            self._pools.clear()
+        self._pools[key] = pool
         return pool
 
-    def _solve(self, tm: TaskModel, cands: list[Expert], budget: Budget) -> tuple[str, ...]:
+    def _solve(self, tm: TaskModel, cands: list[Expert], budget: Budget, epoch: int) -> tuple[str, ...]:
         assert tm.table is not None and tm.table_gate is not None
-        key = (tm.task, budget, tuple(e.id for e in cands), self.registry.epoch)
+        key = (tm.task, budget, tuple(e.id for e in cands), epoch)
         ids = self._cache.get(key)
         if ids is None:
             problem = tm.table.problem(
@@ -218,24 +221,28 @@ class Planner:
     def plan(
         self,
         task: str,
+        experts: Sequence[Expert],
         features: np.ndarray | None,
         budget: Budget,
         *,
-        exclude: Collection[str] = (),
+        epoch: int = 0,
         busy: Mapping[str, float] | None = None,
         limit: int | None = None,
         fallback: bool = True,
     ) -> Plan:
         """Fine level: top-k of the gate within the coarse pool that fits ``budget``.
 
-        ``exclude``: experts already tried; ``busy``: device -> ms still queued there;
-        ``limit``: most experts to add. With ``fallback`` and nothing fitting, the cheapest
-        candidate alone (feasible=False); without it an empty plan.
+        ``experts``: those on offer (already-tried ones left out), each with its predicted cost
+        now; ``busy``: device -> ms still queued there by this request; ``limit``: most experts
+        to add. With ``fallback`` and nothing fitting, the cheapest candidate alone
+        (feasible=False); without it an empty plan.
         """
         tm = self.task_model(task)
+        cands = self.candidates(task, experts)
         k = limit if limit is not None else (tm.max_experts or self.settings.max_experts or 1 << 30)
-        pool = self._pool(task, budget, exclude) if k > 0 else _Pool((), None, None, None)
+        pool = self._pool(task, cands, budget, epoch) if k > 0 else _Pool((), None, None, None)
         weights = pool.weights(tm, features)
+        by_id = {e.id: e for e in cands}
         chosen: list[Expert] = []
         picked: list[float] = []
         per_device = dict(busy or {})
@@ -245,7 +252,7 @@ class Planner:
         lat_cap = budget.latency_ms * (1 + 1e-9) if budget.latency_ms > 0 else math.inf
         e_cap = budget.energy_mj * (1 + 1e-9) if budget.energy_mj > 0 else math.inf
         for i in sorted(range(len(weights)), key=weights.__getitem__, reverse=True):
-            e = pool.experts[i]
+            e = by_id[pool.ids[i]]
             queued = per_device.get(e.device, 0.0) + e.latency_ms
             if max(longest, queued) + overhead <= lat_cap and energy + e.energy_mj <= e_cap:
                 chosen.append(e)
@@ -259,9 +266,13 @@ class Planner:
             total = sum(picked)
             w = tuple(x / total for x in picked) if total > 0 else tuple(1.0 / len(picked) for _ in picked)
             return Plan(tuple(chosen), w, max(per_device.values()) + overhead, energy, True)
-        cands = self.candidates(task, exclude)
         if not fallback or not cands:
             return Plan((), (), 0.0, 0.0, False)
-        cheapest = min(cands, key=lambda e: (e.energy_mj, e.latency_ms, e.id))
-        lat, energy = set_cost([cheapest], self.settings.overhead_ms, busy)
-        return Plan((cheapest,), (1.0,), lat, energy, False)
+        first = cheapest(cands)
+        lat, energy = set_cost([first], overhead, busy)
+        return Plan((first,), (1.0,), lat, energy, False)
+
+
+def cheapest(experts: Sequence[Expert]) -> Expert:
+    """The expert to run when no set fits: least energy, then least latency."""
+    return min(experts, key=lambda e: (e.energy_mj, e.latency_ms, e.id))

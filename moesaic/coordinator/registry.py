@@ -1,12 +1,18 @@
-"""The expert registry: experts = (node, model) pairs, their live cost profiles and node health.
+"""The expert registry: which nodes serve which models, how each replica is doing, what it costs.
 
-Experts come from each node's ``Describe`` (task, device, measured latency/energy profile)
-merged with the fleet config's per-model overrides. Every reply updates the expert's profile
-(EWMA of measured latency and energy), so the cost model tracks reality; a missed deadline
-raises the expert's live latency and nothing else. A node that is unreachable (UNAVAILABLE:
-connection refused, no route), or whose calls fail in transport ``failures_to_down`` times
-in a row, is marked down: its experts leave the pool until a periodic ``Describe`` probe
-succeeds again. Deadline misses and error replies never mark a node down.
+An **expert** is a model (its name is the expert id, the unit the gate weighs and MoE² selects);
+each node serving that model holds one **replica** of it. Replicas come from each node's
+``Describe`` merged with the fleet config's per-model overrides. :meth:`Registry.experts`
+offers every expert of a task through one replica, the one with the earliest expected
+completion (see :class:`~moesaic.coordinator.profiles.Profile`), so a request never runs the
+same model twice and load spreads over replicas; a stream with temporal state (a
+``sensor_id`` parameter) keeps its replica while that replica is eligible.
+
+Health: a node that is unreachable (UNAVAILABLE: connection refused, no route), or whose calls
+fail in transport ``failures_to_down`` times in a row, is marked down; a replica that misses
+a deadline is marked *suspect*. Either leaves the pool until a ``Describe`` probe of its node
+succeeds (suspect replicas are still used when a task has nothing else). Error replies never
+change health.
 
 >>> async with Registry(load_fleet(Path("fleet.yaml"))) as registry:    # doctest: +SKIP
 ...     [e.id for e in registry.experts("detection")]
@@ -17,40 +23,70 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
+import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from moesaic.coordinator.config import FleetConfig, NodeEntry
+from moesaic.coordinator.profiles import Profile
 from moesaic.coordinator.selection import ExpertCost
 from moesaic.metrics import Metrics
-from moesaic.nodes.client import NodeClient
+from moesaic.nodes.client import InferResult, NodeClient
 
-__all__ = ["Expert", "NodeState", "Registry"]
+__all__ = ["Expert", "NodeState", "Registry", "Replica"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Expert:
-    """One (node, model) pair with its live profile."""
+@dataclass(eq=False)
+class Replica:
+    """One node's copy of a model, with its live cost profile."""
 
-    id: str
     node: str
     model: str
     task: str
     device: str
-    """Queue key: experts with the same device run one after another."""
-    latency_ms: float
-    energy_mj: float
-    energy_source: str = "estimate"
+    """Queue key: replicas with the same device run one after another."""
+    profile: Profile
     weight: float = 1.0
     class_names: tuple[str, ...] = ()
-    replies: int = 0
-    anchor: tuple[float, float] = (0.0, 0.0)
+    suspect: bool = False
+
+    @property
+    def id(self) -> str:
+        return f"{self.node}/{self.model}"
+
+
+@dataclass(frozen=True, eq=False)
+class Expert:
+    """A model offered through one replica, with that replica's predicted cost now."""
+
+    id: str
+    task: str
+    replica: Replica
+    latency_ms: float
+    """Predicted latency of a call sent now: expected wait + service + network."""
+    energy_mj: float
+    weight: float = 1.0
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def device(self) -> str:
+        return self.replica.device
+
+    @property
+    def node(self) -> str:
+        return self.replica.node
+
+    @property
+    def model(self) -> str:
+        return self.replica.model
 
     def cost(self) -> ExpertCost:
-        return ExpertCost(self.id, self.device, self.latency_ms, self.energy_mj)
+        """The replica's cost on an idle device (what the cached coarse selection uses)."""
+        p = self.replica.profile
+        return ExpertCost(self.id, self.device, p.latency_ms, p.energy_mj)
 
 
 @dataclass
@@ -62,11 +98,12 @@ class NodeState:
     failures: int = 0
     last_error: str = ""
     device_kind: str = ""
-    experts: dict[str, Expert] = field(default_factory=dict)
+    replicas: dict[str, Replica] = field(default_factory=dict)
+    probing: bool = False
 
 
 class Registry:
-    """Nodes, their experts and profiles; an async context manager (opens channels, probes)."""
+    """Nodes, their replicas and profiles; an async context manager (opens channels, probes)."""
 
     def __init__(self, config: FleetConfig, *, metrics: Metrics | None = None) -> None:
         self.config = config
@@ -78,8 +115,9 @@ class Registry:
         ]
         self.epoch = 0
         """Bumped whenever the pool or a profile changes enough to invalidate cached selections."""
+        self._affinity: dict[tuple[str, str], str] = {}
         self._probe: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()
+        self._probes: set[asyncio.Task[bool]] = set()
 
     async def __aenter__(self) -> Registry:
         await self.start()
@@ -95,79 +133,121 @@ class Registry:
         self._probe = asyncio.create_task(self._probe_loop(), name="moesaic-registry-probe")
 
     async def close(self) -> None:
-        if self._probe is not None:
-            self._probe.cancel()
+        tasks = [t for t in (self._probe, *self._probes) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._probe
-            self._probe = None
+                await t
+        self._probe = None
         for node in self.nodes:
             await node.client.close()
 
     # -- queries -----------------------------------------------------------------------
-    def experts(self, task: str | None = None, *, include_down: bool = False) -> list[Expert]:
-        """Experts of ``task`` (all tasks when None) in the pool, ordered by id."""
+    def replicas(self, task: str | None = None, *, include_down: bool = False) -> list[Replica]:
+        """Replicas of ``task`` (all tasks when None) on nodes that are up, ordered by id."""
         out = [
-            e
+            r
             for node in self.nodes
             if node.up or include_down
-            for e in node.experts.values()
-            if task is None or e.task == task
+            for r in node.replicas.values()
+            if task is None or r.task == task
         ]
-        return sorted(out, key=lambda e: e.id)
+        return sorted(out, key=lambda r: r.id)
 
-    def get(self, expert_id: str) -> Expert:
-        for node in self.nodes:
-            for e in node.experts.values():
-                if e.id == expert_id:
-                    return e
-        raise LookupError(f"unknown expert {expert_id!r}")
+    def experts(
+        self,
+        task: str,
+        *,
+        avoid: Collection[str] = (),
+        sensor: str = "",
+        now: float | None = None,
+    ) -> list[Expert]:
+        """Each expert of ``task`` through its best replica now, ordered by id.
 
-    def node_of(self, expert: Expert) -> NodeState:
+        ``avoid``: replica ids not to offer (already failed in this request); ``sensor``: keep
+        this sensor's replica of each model while it is eligible (temporal state).
+        """
+        now = time.monotonic() if now is None else now
+        eligible = [r for r in self.replicas(task) if r.id not in avoid]
+        healthy = [r for r in eligible if not r.suspect] or eligible
+        by_model: dict[str, list[Replica]] = {}
+        for r in healthy:
+            by_model.setdefault(r.model, []).append(r)
+        out = []
+        for model, group in sorted(by_model.items()):
+            chosen = self._pinned(model, sensor, group) or min(
+                group, key=lambda r: (r.profile.completion_ms(now), r.id)
+            )
+            out.append(self.offer(chosen, now))
+        return out
+
+    def offer(self, replica: Replica, now: float | None = None) -> Expert:
+        """``replica``'s model as an expert served by it, with its predicted cost now."""
+        p = replica.profile
+        now = time.monotonic() if now is None else now
+        return Expert(
+            replica.model,
+            replica.task,
+            replica,
+            p.completion_ms(now),
+            p.energy_mj,
+            replica.weight,
+            replica.class_names,
+        )
+
+    def _pinned(self, model: str, sensor: str, group: list[Replica]) -> Replica | None:
+        if not sensor:
+            return None
+        pinned = self._affinity.get((model, sensor))
+        return next((r for r in group if r.id == pinned), None)
+
+    def pin(self, expert: Expert, sensor: str) -> None:
+        """Keep ``sensor``'s frames of this model on the replica that served it."""
+        if sensor:
+            self._affinity[(expert.id, sensor)] = expert.replica.id
+
+    def node_of(self, replica: Replica) -> NodeState:
         for node in self.nodes:
-            if node.name == expert.node:
+            if node.name == replica.node:
                 return node
-        raise LookupError(f"unknown node {expert.node!r}")
+        raise LookupError(f"unknown node {replica.node!r}")
 
-    def client(self, expert: Expert) -> NodeClient:
-        return self.node_of(expert).client
+    def client(self, replica: Replica) -> NodeClient:
+        return self.node_of(replica).client
 
     def tasks(self) -> set[str]:
-        return {e.task for e in self.experts()}
+        return {r.task for r in self.replicas()}
 
     # -- updates -----------------------------------------------------------------------
-    def observe(self, expert: Expert, latency_ms: float, energy_mj: float, energy_source: str) -> None:
-        """Fold one successful reply into the expert's profile and its node's health."""
-        alpha = self.settings.ewma_alpha
-        if math.isfinite(latency_ms) and latency_ms >= 0:
-            expert.latency_ms += alpha * (latency_ms - expert.latency_ms)
-        if math.isfinite(energy_mj) and energy_mj >= 0:
-            expert.energy_mj += alpha * (energy_mj - expert.energy_mj)
-            if energy_source:
-                expert.energy_source = energy_source
-        expert.replies += 1
-        self._check_drift(expert)
-        node = self.node_of(expert)
-        node.failures = 0
+    def observe(self, replica: Replica, result: InferResult, round_trip_ms: float) -> None:
+        """Fold one successful reply into the replica's profile and its node's health."""
+        if replica.profile.observe(result, round_trip_ms, self.settings.ewma_alpha):
+            self.epoch += 1
+        self.node_of(replica).failures = 0
 
-    def observe_timeout(self, expert: Expert, waited_ms: float) -> None:
-        """A missed deadline: the call took at least ``waited_ms``. The expert is slow, not gone:
-        its live latency moves towards ``waited_ms`` (so tight budgets stop choosing it) and its
-        node stays up."""
-        if math.isfinite(waited_ms) and waited_ms > expert.latency_ms:
-            expert.latency_ms += self.settings.ewma_alpha * (waited_ms - expert.latency_ms) * 2
-            expert.latency_ms = min(expert.latency_ms, waited_ms)
-            self._check_drift(expert)
-        self.node_of(expert).last_error = f"{expert.model}: deadline after {waited_ms:.0f} ms"
+    def observe_timeout(self, replica: Replica, waited_ms: float) -> None:
+        """A missed deadline: the replica is slow or hung. Its live latency moves towards
+        ``waited_ms``, it is suspect (skipped) until its node answers a probe; the node stays up."""
+        if replica.profile.observe_timeout(waited_ms):
+            self.epoch += 1
+        node = self.node_of(replica)
+        node.last_error = f"{replica.model}: deadline after {waited_ms:.0f} ms"
+        if not replica.suspect:
+            replica.suspect = True
+            self.epoch += 1
+            log.info("replica %s suspect: %s", replica.id, node.last_error)
+        self._probe_soon(node)
 
-    def record_expert_error(self, expert: Expert, error: str) -> None:
-        """The node answered with an error for this expert (bad input, engine failure): the node
-        is alive, so this does not count towards ``failures_to_down``."""
-        self.node_of(expert).last_error = f"{expert.model}: {error}"
+    def record_expert_error(self, replica: Replica, error: str) -> None:
+        """The node answered with an error for this replica (bad input, engine failure): the
+        node is alive, so this does not count towards ``failures_to_down``."""
+        self.node_of(replica).last_error = f"{replica.model}: {error}"
 
-    def record_failure(self, expert: Expert, error: str, *, unreachable: bool = False) -> None:
+    def record_failure(self, replica: Replica, error: str, *, unreachable: bool = False) -> None:
         """One transport failure (UNAVAILABLE); the node goes down when unreachable or after
         ``failures_to_down`` of them in a row."""
-        node = self.node_of(expert)
+        node = self.node_of(replica)
         node.failures += 1
         node.last_error = error
         if unreachable or node.failures >= self.settings.failures_to_down:
@@ -180,22 +260,14 @@ class Registry:
             self.epoch += 1
             self._gauge(node, 0)
 
-    def _check_drift(self, expert: Expert) -> None:
-        lat0, en0 = expert.anchor
-        drift = self.settings.profile_drift
-        if abs(expert.latency_ms - lat0) > drift * max(lat0, 1.0) or abs(
-            expert.energy_mj - en0
-        ) > drift * max(en0, 1.0):
-            expert.anchor = (expert.latency_ms, expert.energy_mj)
-            self.epoch += 1
-
     def _gauge(self, node: NodeState, value: int) -> None:
         if self.metrics is not None:
-            for e in node.experts.values():
-                self.metrics.experts_up.labels(expert=e.id).set(value)
+            for r in node.replicas.values():
+                self.metrics.experts_up.labels(expert=r.id).set(value)
 
     # -- discovery ---------------------------------------------------------------------
     async def _describe(self, node: NodeState) -> bool:
+        t0 = time.perf_counter()
         try:
             desc = await node.client.describe(timeout=self.settings.describe_timeout_s)
         except Exception as exc:  # grpc.aio.AioRpcError, OSError: the node is not reachable
@@ -203,17 +275,22 @@ class Registry:
             log.info("node %s (%s) not reachable: %s", node.name, node.entry.address, _short(exc))
             self.mark_down(node, node.last_error)
             return False
-        self._merge(node, desc)
+        changed = self._merge(node, desc, (time.perf_counter() - t0) * 1e3)
         node.failures = 0
+        for r in node.replicas.values():
+            if r.suspect:
+                log.info("replica %s healthy again (its node answered a probe)", r.id)
+                r.suspect, changed = False, True
         if not node.up:
-            log.info("node %s (%s) up with %d experts", node.name, node.entry.address, len(node.experts))
-            node.up = True
-            self.epoch += 1
+            log.info("node %s (%s) up with %d models", node.name, node.entry.address, len(node.replicas))
+            node.up, changed = True, True
             self._gauge(node, 1)
-            self._changed.set()
+        if changed:
+            self.epoch += 1
         return True
 
-    def _merge(self, node: NodeState, desc: Any) -> None:
+    def _merge(self, node: NodeState, desc: Any, round_trip_ms: float) -> bool:
+        """Take ``desc`` (a ``NodeDescription``) in; True when a replica came or went."""
         entry = node.entry
         if entry.name is None and desc.node_id:
             node.name = desc.node_id
@@ -222,6 +299,8 @@ class Registry:
         node.device_kind = desc.device.kind
         overrides = {o.model: o for o in entry.experts}
         seen = set()
+        changed = False
+        now = time.monotonic()
         for model in desc.models:
             override = overrides.get(model.name)
             if (entry.only_listed and override is None) or (override is not None and not override.enabled):
@@ -229,57 +308,53 @@ class Registry:
             if not model.ready and model.state != "ready":
                 continue
             seen.add(model.name)
-            profile = min(model.profiles, key=lambda p: p.batch_size or 1) if model.profiles else None
-            latency = (
-                override.latency_ms
-                if override is not None and override.latency_ms is not None
-                else (profile.latency_ms.p50 if profile is not None and profile.latency_ms.p50 > 0 else None)
-            )
-            energy = (
-                override.energy_mj
-                if override is not None and override.energy_mj is not None
-                else (profile.energy_mj_per_inference if profile is not None else None)
-            )
-            existing = node.experts.get(model.name)
-            expert_id = f"{node.name}/{model.name}"
-            if existing is not None and existing.id == expert_id and existing.replies:
+            existing = node.replicas.get(model.name)
+            if existing is not None and existing.node == node.name:
+                existing.profile.report_wait(model.expected_wait_ms, now)
                 continue  # keep the live profile learned from replies
-            expert = Expert(
-                id=expert_id,
+            changed = True
+            node.replicas[model.name] = Replica(
                 node=node.name,
                 model=model.name,
                 task=(override.task if override is not None and override.task else model.task),
                 device=queue,
-                latency_ms=float(latency if latency is not None else self.settings.default_latency_ms),
-                energy_mj=float(energy if energy is not None else self.settings.default_energy_mj),
-                energy_source=(
-                    profile.energy_source if profile is not None and profile.energy_source else "estimate"
-                ),
+                profile=Profile.prior(model, override, self.settings, round_trip_ms),
                 weight=override.weight if override is not None else 1.0,
                 class_names=tuple(model.class_names),
             )
-            expert.anchor = (expert.latency_ms, expert.energy_mj)
-            node.experts[model.name] = expert
-        for name in list(node.experts):
+        for name in list(node.replicas):
             if name not in seen:
-                del node.experts[name]
-        self.epoch += 1
+                del node.replicas[name]
+                changed = True
+        return changed
+
+    def _probe_soon(self, node: NodeState) -> None:
+        """Probe ``node`` now (once at a time) so a suspect replica comes back quickly."""
+        if node.probing:
+            return
+        node.probing = True
+
+        async def probe() -> bool:
+            try:
+                await asyncio.sleep(min(self.settings.probe_interval_s, 0.25))
+                return await self._describe(node)
+            finally:
+                node.probing = False
+
+        task = asyncio.get_running_loop().create_task(probe(), name=f"moesaic-probe-{node.name}")
+        self._probes.add(task)
+        task.add_done_callback(self._probes.discard)
 
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
-            down = [n for n in self.nodes if not n.up]
-            if down:
-                await asyncio.gather(*(self._describe(n) for n in down), return_exceptions=True)
+            due = [n for n in self.nodes if not n.probing and (not n.up or _any_suspect(n.replicas))]
+            if due:
+                await asyncio.gather(*(self._describe(n) for n in due), return_exceptions=True)
 
-    async def wait_changed(self, timeout: float) -> bool:
-        """Wait until a node comes up (tests, startup); False on timeout."""
-        self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+
+def _any_suspect(replicas: Mapping[str, Replica]) -> bool:
+    return any(r.suspect for r in replicas.values())
 
 
 def _short(exc: BaseException) -> str:

@@ -101,6 +101,11 @@ def to_proto(p: Perception) -> Any:
         measured_energy_mj=p.measured_energy_mj,
         energy_measured=p.energy_measured,
         budget_met=p.budget_met,
+        budget=moesaic_pb2.Budget(latency_ms=p.budget.latency_ms, energy_mj=p.budget.energy_mj),
+        budget_reason=p.budget_reason,
+        feasible=p.feasible,
+        cheapest_latency_ms=p.cheapest_latency_ms,
+        cheapest_energy_mj=p.cheapest_energy_mj,
     )
     for r in p.runs:
         response.experts.add(
@@ -218,8 +223,8 @@ async def serve(
         await server.start()
         for name in ("", COORDINATOR_SERVICE):
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        up = len(coordinator.registry.experts())
-        log.info("coordinator listening on port %d with %d experts up", port, up)
+        up = len(coordinator.registry.replicas())
+        log.info("coordinator listening on port %d with %d expert replicas up", port, up)
         notify_ready(f"serving on port {port}, {up} experts up")
         if ready is not None:
             ready.set()

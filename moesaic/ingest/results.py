@@ -3,14 +3,19 @@
 The JSON of one result::
 
     {"sensor": "s0", "task": "detection", "frame_id": 7, "timestamp": 1718000000.1,
-     "request_id": "...", "experts": [{"id": "n0/yolo-n", "node": "n0", "model": "yolo-n",
+     "request_id": "...", "experts": [{"id": "yolo-n", "node": "n0", "model": "yolo-n",
      "weight": 1.0, "latency_ms": 31.2, "energy_mj": 410.0, "energy_measured": false,
      "status": "ok"}], "latency_ms": 35.1, "predicted_latency_ms": 33.0,
      "energy_mj": 410.0, "predicted_energy_mj": 400.0, "energy_source": "estimated",
      "budget": {"latency_ms": 150.0, "energy_mj": 0.0}, "budget_met": true,
+     "budget_reason": "", "feasible": true, "cheapest": {"latency_ms": 20.0, "energy_mj": 150.0},
      "bridge_ms": 36.0, "output": {"type": "detections", "items": [...]}}
 
-``output`` is ``{"type": "detections", "items": [{"xyxy": [...], "score", "class_id", "class_name"}]}``,
+``budget`` is the budget the coordinator applied; ``budget_reason`` says why ``budget_met`` is
+false (``no_feasible_set``, ``expert_failed``, ``deadline_missed``, ``energy_over``);
+``feasible`` is whether its prediction admitted any expert set; ``cheapest`` is the cheapest
+single expert's predicted cost. ``output`` is
+``{"type": "detections", "items": [{"xyxy": [...], "score", "class_id", "class_name"}]}``,
 ``{"type": "segmentation", "shape": [H, W], "class_pixels": {"0": 1200, ...}}``,
 ``{"type": "grid", "shape": [...], "min", "max", "mean", "nonzero"}`` or ``{"type": "text", "text"}``.
 """
@@ -106,7 +111,9 @@ def output_json(response: moesaic_pb2.PerceiveResponse) -> dict[str, Any]:
 def result_json(
     frame: Frame, response: moesaic_pb2.PerceiveResponse, budget: moesaic_pb2.Budget, *, bridge_ms: float
 ) -> bytes:
-    """The UTF-8 JSON published on ``results/{sensor}/{task}``."""
+    """The UTF-8 JSON published on ``results/{sensor}/{task}``; ``budget``: the one sent (the
+    coordinator's reply names the one it applied, which wins when set)."""
+    applied = response.budget if response.HasField("budget") else budget
     body = {
         "sensor": frame.sensor_id,
         "kind": frame.kind,
@@ -133,8 +140,14 @@ def result_json(
         "energy_mj": round(response.measured_energy_mj, 3),
         "predicted_energy_mj": round(response.predicted_energy_mj, 3),
         "energy_source": "measured" if response.energy_measured else "estimated",
-        "budget": {"latency_ms": budget.latency_ms, "energy_mj": budget.energy_mj},
+        "budget": {"latency_ms": applied.latency_ms, "energy_mj": applied.energy_mj},
         "budget_met": response.budget_met,
+        "budget_reason": response.budget_reason,
+        "feasible": response.feasible,
+        "cheapest": {
+            "latency_ms": round(response.cheapest_latency_ms, 3),
+            "energy_mj": round(response.cheapest_energy_mj, 3),
+        },
         "bridge_ms": round(bridge_ms, 3),
         "output": output_json(response),
     }

@@ -251,6 +251,11 @@ class DynamicBatcher:
         since = self._running_since
         return 0.0 if since is None else time.monotonic() - since
 
+    @property
+    def batch_s(self) -> float:
+        """Running mean of one engine call (one batch), seconds; 0 before any ran."""
+        return self._batch_s
+
     def expected_wait_s(self) -> float:
         """Seconds a request arriving now should wait before its batch runs (a rough figure:
         the batches ahead of it at the running mean engine time, plus the gathering delay)."""

@@ -39,6 +39,9 @@ __all__ = ["DataPlane", "Reply", "Stages"]
 
 log = logging.getLogger(__name__)
 
+PROBE_SENSOR = "moesaic-probe"
+"""The ``sensor_id`` of probe requests, so a stream's temporal state never mixes with them."""
+
 
 @dataclass(slots=True)
 class Stages:
@@ -99,7 +102,7 @@ class DataPlane:
         """Depth and expected wait of ``model``'s queue now."""
         batcher = model.batcher
         if batcher is not None:
-            return QueueState(batcher.queued(), batcher.expected_wait_s())
+            return QueueState(batcher.queued(), batcher.expected_wait_s(), batcher.batch_s)
         return self.queues[model.name].state()
 
     # -------------------------------------------------------------- the request path
@@ -237,17 +240,23 @@ class DataPlane:
         ]
 
     def probe(self, model: ServedModel, timeout_s: float) -> None:
-        """Run the engine once on zeros of its inputs, through the model's queue (liveness)."""
+        """Run the model once through its queue (liveness, and the service time Describe reports
+        before any request): its processor's sample request through the whole path when it has
+        one, else the engine on zeros."""
         deadline = time.monotonic() + timeout_s
-        feed = model.zero_inputs()
+        sample = model.processor.sample_inputs() if model.processor is not None else None
         if model.batcher is not None:
-            model.batcher.submit(feed, timeout_s)
+            model.batcher.submit(model.zero_inputs(), timeout_s)
         else:
             queue = self.queues[model.name]
             slot = queue.enter(deadline)
             work = self.cost.begin(model.name)
             try:
-                model.run(feed)
+                if sample is None:
+                    model.run(model.zero_inputs())
+                else:
+                    engine_inputs, context = model.preprocess(sample, {"sensor_id": PROBE_SENSOR})
+                    model.postprocess(model.run(engine_inputs), context)
             finally:
                 self.cost.end(work, inferences=0)
                 queue.leave(slot)

@@ -37,6 +37,8 @@ class QueueState:
 
     depth: int
     expected_wait_s: float
+    service_s: float = 0.0
+    """Running mean of the time one request (or batch) holds the engine; 0 before any ran."""
 
 
 class Ticket:
@@ -165,7 +167,7 @@ class ModelQueue:
         """Depth (running + waiting) and the wait a request arriving now should expect."""
         running, waiting = len(self._running), len(self._waiting)  # len() needs no lock
         ahead = running + waiting - self.slots + 1
-        return QueueState(running + waiting, max(ahead, 0) * self._service_s / self.slots)
+        return QueueState(running + waiting, max(ahead, 0) * self._service_s / self.slots, self._service_s)
 
     def oldest_running_s(self) -> float:
         """Seconds the longest-running request has held its slot (0 when none runs)."""

@@ -143,6 +143,9 @@ class NodeServer:
             thread.join()
         if self._stopping:
             return
+        for model in self.models.values():
+            if model.ready and model.batcher is None:  # Describe has a service time from the start
+                self._probe(model)
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
         self.cost.relearn_idle()  # loading worked the device while no request ran

@@ -197,6 +197,8 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
             if model.ready:
                 queue = self.plane.queue_state(model)
                 desc.queue_depth, desc.expected_wait_ms = queue.depth, queue.expected_wait_s * 1e3
+                desc.service_ms = queue.service_s * 1e3
+                desc.energy_mj = self.plane.cost.energy_j(model.name) * 1e3
             for rec in self.profiles:
                 if rec.model != model.name:
                     continue

@@ -166,6 +166,8 @@ class ModelDescription(_message.Message):
     EXPECTED_WAIT_MS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
+    SERVICE_MS_FIELD_NUMBER: _builtins.int
+    ENERGY_MJ_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """What the model does, e.g. "bev_segmentation", "bev_reconstruction", "detection", "vlm"."""
@@ -184,6 +186,14 @@ class ModelDescription(_message.Message):
     """Where the model really runs once loaded: "cpu", "cuda:0", ..."""
     provider: _builtins.str
     """What runs it: the ONNX Runtime execution provider, else the engine's backend name."""
+    service_ms: _builtins.float
+    """Running mean of the time one request holds the model (pre + engine + post), ms; the
+    node measures it on a probe right after loading, so it is known before any request.
+    """
+    energy_mj: _builtins.float
+    """Attributed energy per inference so far (the figure replies carry), mJ; 0 before the
+    cost meter closed its first interval.
+    """
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelProfile]: ...
     @_builtins.property
@@ -205,10 +215,12 @@ class ModelDescription(_message.Message):
         expected_wait_ms: _builtins.float = ...,
         device: _builtins.str = ...,
         provider: _builtins.str = ...,
+        service_ms: _builtins.float = ...,
+        energy_mj: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "device", b"device", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "provider", b"provider", "queue_depth", b"queue_depth", "ready", b"ready", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "device", b"device", "energy_mj", b"energy_mj", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "provider", b"provider", "queue_depth", b"queue_depth", "ready", b"ready", "service_ms", b"service_ms", "state", b"state", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -552,6 +564,11 @@ class PerceiveResponse(_message.Message):
     TEXT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     EXTRAS_FIELD_NUMBER: _builtins.int
+    BUDGET_FIELD_NUMBER: _builtins.int
+    BUDGET_REASON_FIELD_NUMBER: _builtins.int
+    FEASIBLE_FIELD_NUMBER: _builtins.int
+    CHEAPEST_LATENCY_MS_FIELD_NUMBER: _builtins.int
+    CHEAPEST_ENERGY_MJ_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     task: _builtins.str
     predicted_latency_ms: _builtins.float
@@ -569,6 +586,17 @@ class PerceiveResponse(_message.Message):
     """Set, with no output, when this request failed (streams only; unary calls use the
     gRPC status).
     """
+    budget_reason: _builtins.str
+    """Why budget_met is false: "no_feasible_set" (no expert set was predicted to fit; the
+    cheapest ran), "expert_failed" (the planned experts failed; a replacement ran outside
+    the budget), "deadline_missed" (measured latency over budget), "energy_over" (measured
+    energy over budget). Empty when the budget was met.
+    """
+    feasible: _builtins.bool
+    """True when the coordinator's prediction admitted at least one expert set."""
+    cheapest_latency_ms: _builtins.float
+    """The cheapest single expert's predicted cost at planning time (what a budget needs at least)."""
+    cheapest_energy_mj: _builtins.float
     @_builtins.property
     def experts(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpertRun]: ...
     @_builtins.property
@@ -580,6 +608,10 @@ class PerceiveResponse(_message.Message):
     @_builtins.property
     def extras(self) -> _containers.RepeatedCompositeFieldContainer[Global___Tensor]:
         """Extra fused tensors, e.g. segmentation probabilities beside the class map."""
+
+    @_builtins.property
+    def budget(self) -> Global___Budget:
+        """The budget applied: the request's own, else the fleet's default."""
 
     def __init__(
         self,
@@ -598,10 +630,15 @@ class PerceiveResponse(_message.Message):
         text: _builtins.str = ...,
         error: _builtins.str = ...,
         extras: _abc.Iterable[Global___Tensor] | None = ...,
+        budget: Global___Budget | None = ...,
+        budget_reason: _builtins.str = ...,
+        feasible: _builtins.bool = ...,
+        cheapest_latency_ms: _builtins.float = ...,
+        cheapest_energy_mj: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["detections", b"detections", "grid", b"grid", "output", b"output", "text", b"text"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "detections", b"detections", "grid", b"grid", "output", b"output", "text", b"text"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_met", b"budget_met", "detections", b"detections", "energy_measured", b"energy_measured", "error", b"error", "experts", b"experts", "extras", b"extras", "grid", b"grid", "measured_energy_mj", b"measured_energy_mj", "measured_latency_ms", b"measured_latency_ms", "output", b"output", "predicted_energy_mj", b"predicted_energy_mj", "predicted_latency_ms", b"predicted_latency_ms", "request_id", b"request_id", "task", b"task", "text", b"text"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget", b"budget", "budget_met", b"budget_met", "budget_reason", b"budget_reason", "cheapest_energy_mj", b"cheapest_energy_mj", "cheapest_latency_ms", b"cheapest_latency_ms", "detections", b"detections", "energy_measured", b"energy_measured", "error", b"error", "experts", b"experts", "extras", b"extras", "feasible", b"feasible", "grid", b"grid", "measured_energy_mj", b"measured_energy_mj", "measured_latency_ms", b"measured_latency_ms", "output", b"output", "predicted_energy_mj", b"predicted_energy_mj", "predicted_latency_ms", b"predicted_latency_ms", "request_id", b"request_id", "task", b"task", "text", b"text"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_output: _TypeAlias = _typing.Literal["detections", "grid", "text"]  # noqa: Y015
     _WhichOneofArgType_output: _TypeAlias = _typing.Literal["output", b"output"]  # noqa: Y015

@@ -61,6 +61,12 @@ class Processor(ABC):
         """Class names (index = class id) for detectors and segmenters; empty otherwise."""
         return []
 
+    def sample_inputs(self) -> dict[str, np.ndarray] | None:
+        """A typical request's node-level inputs, or None. The node runs it through the whole
+        path (pre + engine + post) right after loading and as its liveness probe, so the service
+        time it reports before any request is the real one."""
+        return None
+
 
 ProcessorFactory = Callable[[Mapping[str, Any], Path], Processor]
 _REGISTRY: dict[str, ProcessorFactory] = {}

@@ -85,6 +85,10 @@ class YoloProcessor(Processor):
             self.imgsz = spec.shape[2]
         return (TensorSpec("image", "UINT8", (-1, -1, 3)),)
 
+    def sample_inputs(self) -> dict[str, np.ndarray]:
+        """A mid-grey KITTI-sized frame (1242 x 375), what a road camera sends."""
+        return {"image": np.full((375, 1242, 3), 114, np.uint8)}
+
     def outputs(self, engine_outputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
         return (
             TensorSpec("boxes", "FP32", (-1, 4)),

@@ -82,6 +82,15 @@ class PpnBevProcessor(Processor):
     def class_names(self) -> list[str]:
         return list(self._names) if self.task == "seg" else []
 
+    def sample_inputs(self) -> dict[str, np.ndarray]:
+        """120,000 points spread over the grid's range, about one KITTI scan."""
+        rng = np.random.default_rng(0)
+        g = self.encoding.grid
+        lo = (g.x_range[0], g.y_range[0], g.z_range[0], 0.0)
+        hi = (g.x_range[1], g.y_range[1], g.z_range[1], 1.0)
+        points = rng.uniform(lo, hi, (120_000, 4)).astype(np.float32)
+        return {"points": points}
+
     def _buffer(self, sensor_id: str) -> BevRingBuffer:
         buf = self._buffers.get(sensor_id)
         if buf is None:

@@ -1,0 +1,152 @@
+"""A replica's live cost profile: what a call sent now should take and spend.
+
+Predicted latency = expected wait in the node's queue + service time + network time:
+
+- **service** (pre + engine + post on the node): the node's ``compute_ms`` of every reply,
+  as an EWMA; before the first reply, the fleet config's override, the node's profile file,
+  or the service time the node measured on its load-time probe (``Describe``), in that order;
+- **network**: round trip less the node's queue and compute time, as an EWMA; before the first
+  reply, the ``Describe`` round trip (0 when the fleet config gives the latency);
+- **wait**: the larger of what the node last reported (``expected_wait_ms``, counted down
+  since) and the service time still ahead of the calls this coordinator has in flight there.
+
+Predicted energy is the node's attributed energy per inference (the figure its replies
+carry), as an EWMA; before the first reply, the override, the profile file, or what the
+node's ``Describe`` reports.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from moesaic.coordinator.config import CoordinatorSettings, ExpertOverride
+from moesaic.nodes.client import InferResult
+
+__all__ = ["Profile"]
+
+
+@dataclass
+class Profile:
+    service_ms: float
+    network_ms: float
+    energy_mj: float
+    energy_source: str = "estimate"
+    replies: int = 0
+    drift: float = 0.25
+    """Relative change of latency or energy that counts as a new profile (see :meth:`observe`)."""
+    _wait_ms: float = 0.0
+    _wait_at: float = 0.0
+    _inflight: dict[int, float] = field(default_factory=dict)
+    _anchor: tuple[float, float] = (0.0, 0.0)
+
+    def __post_init__(self) -> None:
+        self._anchor = (self.latency_ms, self.energy_mj)
+
+    @classmethod
+    def prior(
+        cls,
+        model: Any,
+        override: ExpertOverride | None,
+        settings: CoordinatorSettings,
+        round_trip_ms: float,
+    ) -> Profile:
+        """The profile of a model just discovered (``model``: its ``ModelDescription``)."""
+        profile = min(model.profiles, key=lambda p: p.batch_size or 1) if model.profiles else None
+        service = _first(
+            override.latency_ms if override is not None else None,
+            profile.latency_ms.p50 if profile is not None and profile.latency_ms.p50 > 0 else None,
+            model.service_ms if model.service_ms > 0 else None,
+            settings.default_latency_ms,
+        )
+        energy = _first(
+            override.energy_mj if override is not None else None,
+            profile.energy_mj_per_inference if profile is not None else None,
+            model.energy_mj if model.energy_mj > 0 else None,
+            settings.default_energy_mj,
+        )
+        source = profile.energy_source if profile is not None and profile.energy_source else "estimate"
+        # A configured latency is the whole figure; otherwise the Describe round trip stands in
+        # for the network (it includes connecting: an over-estimate, on the safe side).
+        given = override is not None and override.latency_ms is not None
+        network = 0.0 if given else max(round_trip_ms, 0.0)
+        p = cls(service, network, energy, source, drift=settings.profile_drift)
+        p.report_wait(model.expected_wait_ms, time.monotonic())
+        return p
+
+    @property
+    def latency_ms(self) -> float:
+        """Service + network on an idle node."""
+        return self.service_ms + self.network_ms
+
+    def wait_ms(self, now: float) -> float:
+        reported = self._wait_ms - (now - self._wait_at) * 1e3
+        ahead = sum(max(self.service_ms - (now - t0) * 1e3, 0.0) for t0 in self._inflight.values())
+        return max(reported, ahead, 0.0)
+
+    def completion_ms(self, now: float) -> float:
+        """Predicted latency of a call sent at ``now``."""
+        return self.wait_ms(now) + self.latency_ms
+
+    def report_wait(self, wait_ms: float, now: float) -> None:
+        if math.isfinite(wait_ms) and wait_ms >= 0:
+            self._wait_ms, self._wait_at = wait_ms, now
+
+    def begin(self, call: int, now: float) -> None:
+        self._inflight[call] = now
+
+    def end(self, call: int) -> None:
+        self._inflight.pop(call, None)
+
+    def observe(self, result: InferResult, round_trip_ms: float, alpha: float) -> bool:
+        """Fold in one reply; True when the profile moved by more than ``drift`` since the last
+        time it did (cached selections built on it are stale)."""
+        params = result.parameters
+        compute = result.compute_ms if math.isfinite(result.compute_ms) else round_trip_ms
+        queue = _number(params.get("queue_ms"), 0.0)
+        network = max(round_trip_ms - compute - queue, 0.0)
+        if self.replies == 0:  # the first reply replaces the prior outright
+            self.service_ms, self.network_ms = compute, network
+        else:
+            self.service_ms += alpha * (compute - self.service_ms)
+            self.network_ms += alpha * (network - self.network_ms)
+        energy = result.energy_mj
+        if math.isfinite(energy) and energy >= 0:
+            self.energy_mj = (
+                energy if self.replies == 0 else self.energy_mj + alpha * (energy - self.energy_mj)
+            )
+            if result.energy_source:
+                self.energy_source = result.energy_source
+        self.report_wait(_number(params.get("expected_wait_ms"), math.nan), time.monotonic())
+        self.replies += 1
+        return self._moved()
+
+    def observe_timeout(self, waited_ms: float) -> bool:
+        """A call got no reply within ``waited_ms``: it takes at least that long, so the
+        prediction rises to it at once (the next hang deadline is ``deadline_slack`` times
+        longer: a slow expert is waited for longer each time until it answers)."""
+        if math.isfinite(waited_ms) and waited_ms > self.latency_ms:
+            self.service_ms = waited_ms - self.network_ms
+        return self._moved()
+
+    def _moved(self) -> bool:
+        lat0, en0 = self._anchor
+        if abs(self.latency_ms - lat0) > self.drift * max(lat0, 1.0) or abs(
+            self.energy_mj - en0
+        ) > self.drift * max(en0, 1.0):
+            self._anchor = (self.latency_ms, self.energy_mj)
+            return True
+        return False
+
+
+def _first(*values: float | None) -> float:
+    return float(next(v for v in values if v is not None))
+
+
+def _number(value: Any, default: float) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return default
