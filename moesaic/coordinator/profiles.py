@@ -54,20 +54,7 @@ class Profile:
         round_trip_ms: float,
     ) -> Profile:
         """The profile of a model just discovered (``model``: its ``ModelDescription``)."""
-        profile = min(model.profiles, key=lambda p: p.batch_size or 1) if model.profiles else None
-        service = _first(
-            override.latency_ms if override is not None else None,
-            profile.latency_ms.p50 if profile is not None and profile.latency_ms.p50 > 0 else None,
-            model.service_ms if model.service_ms > 0 else None,
-            settings.default_latency_ms,
-        )
-        energy = _first(
-            override.energy_mj if override is not None else None,
-            profile.energy_mj_per_inference if profile is not None else None,
-            model.energy_mj if model.energy_mj > 0 else None,
-            settings.default_energy_mj,
-        )
-        source = profile.energy_source if profile is not None and profile.energy_source else "estimate"
+        service, energy, source = _prior_costs(model, override, settings)
         # A configured latency is the whole figure; otherwise the Describe round trip stands in
         # for the network (it includes connecting: an over-estimate, on the safe side).
         given = override is not None and override.latency_ms is not None
@@ -75,6 +62,12 @@ class Profile:
         p = cls(service, network, energy, source, drift=settings.profile_drift)
         p.report_wait(model.expected_wait_ms, time.monotonic())
         return p
+
+    def refresh_prior(self, model: Any, override: ExpertOverride | None) -> None:
+        """Before any reply: the node's newer figures (from its probes) where no profile file or
+        override gives them."""
+        service, energy, _ = _prior_costs(model, override, None)
+        self.service_ms, self.energy_mj = service or self.service_ms, energy or self.energy_mj
 
     @property
     def latency_ms(self) -> float:
@@ -93,6 +86,11 @@ class Profile:
     def report_wait(self, wait_ms: float, now: float) -> None:
         if math.isfinite(wait_ms) and wait_ms >= 0:
             self._wait_ms, self._wait_at = wait_ms, now
+
+    @property
+    def in_flight(self) -> int:
+        """Calls this coordinator has sent and not yet heard back from."""
+        return len(self._inflight)
 
     def begin(self, call: int, now: float) -> None:
         self._inflight[call] = now
@@ -139,6 +137,28 @@ class Profile:
             self._anchor = (self.latency_ms, self.energy_mj)
             return True
         return False
+
+
+def _prior_costs(
+    model: Any, override: ExpertOverride | None, settings: CoordinatorSettings | None
+) -> tuple[float, float, str]:
+    """(service ms, energy mJ, energy source) of a model with no reply yet: the override, the
+    node's profile file, the node's probe figures, the fleet's defaults (0 without settings)."""
+    profile = min(model.profiles, key=lambda p: p.batch_size or 1) if model.profiles else None
+    service = _first(
+        override.latency_ms if override is not None else None,
+        profile.latency_ms.p50 if profile is not None and profile.latency_ms.p50 > 0 else None,
+        model.service_ms if model.service_ms > 0 else None,
+        settings.default_latency_ms if settings is not None else 0.0,
+    )
+    energy = _first(
+        override.energy_mj if override is not None else None,
+        profile.energy_mj_per_inference if profile is not None else None,
+        model.energy_mj if model.energy_mj > 0 else None,
+        settings.default_energy_mj if settings is not None else 0.0,
+    )
+    source = profile.energy_source if profile is not None and profile.energy_source else "estimate"
+    return service, energy, source
 
 
 def _first(*values: float | None) -> float:

@@ -177,7 +177,7 @@ class Registry:
         out = []
         for model, group in sorted(by_model.items()):
             chosen = self._pinned(model, sensor, group) or min(
-                group, key=lambda r: (r.profile.completion_ms(now), r.id)
+                group, key=lambda r: (r.profile.completion_ms(now), r.profile.in_flight, r.id)
             )
             out.append(self.offer(chosen, now))
         return out
@@ -311,6 +311,8 @@ class Registry:
             existing = node.replicas.get(model.name)
             if existing is not None and existing.node == node.name:
                 existing.profile.report_wait(model.expected_wait_ms, now)
+                if existing.profile.replies == 0:  # no reply yet: the node's newer figures
+                    existing.profile.refresh_prior(model, override)
                 continue  # keep the live profile learned from replies
             changed = True
             node.replicas[model.name] = Replica(
@@ -348,13 +350,14 @@ class Registry:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
-            due = [n for n in self.nodes if not n.probing and (not n.up or _any_suspect(n.replicas))]
+            due = [n for n in self.nodes if not n.probing and (not n.up or _needs_probe(n.replicas))]
             if due:
                 await asyncio.gather(*(self._describe(n) for n in due), return_exceptions=True)
 
 
-def _any_suspect(replicas: Mapping[str, Replica]) -> bool:
-    return any(r.suspect for r in replicas.values())
+def _needs_probe(replicas: Mapping[str, Replica]) -> bool:
+    """A suspect replica, or one with no reply yet (its node's Describe refreshes the prior)."""
+    return any(r.suspect or r.profile.replies == 0 for r in replicas.values())
 
 
 def _short(exc: BaseException) -> str:

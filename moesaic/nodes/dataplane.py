@@ -254,11 +254,11 @@ class DataPlane:
             try:
                 if sample is None:
                     model.run(model.zero_inputs())
-                else:
+                else:  # a whole typical inference: it counts in the energy per inference
                     engine_inputs, context = model.preprocess(sample, {"sensor_id": PROBE_SENSOR})
                     model.postprocess(model.run(engine_inputs), context)
             finally:
-                self.cost.end(work, inferences=0)
+                self.cost.end(work, inferences=0 if sample is None else 1)
                 queue.leave(slot)
         self._last_done[model.name] = time.monotonic()
 

@@ -28,7 +28,8 @@ async def test_a_model_on_two_nodes_is_one_expert_whose_requests_spread_over_its
     for node in ("a", "b"):
         write_classifier(tmp_path / node, "cls", seed=1, sleep_s=0.05)
     with running_node(tmp_path / "a") as a, running_node(tmp_path / "b") as b:
-        nodes = [{"address": a.address, "name": "n0"}, {"address": b.address, "name": "n1"}]
+        prior = [{"model": "cls", "latency_ms": 50}]
+        nodes = [{"address": a.address, "name": n, "experts": prior} for n, a in (("n0", a), ("n1", b))]
         async with coordinator(fleet(nodes)) as (stub, _):
             replies = await asyncio.gather(
                 *(stub.Perceive(x_request(np.zeros(FEATURES), rid=str(i)), timeout=20) for i in range(12))
