@@ -317,10 +317,21 @@
     ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
     ctx.clearRect(0, 0, width, height);
     const end = now();
-    const start = end - state.historyS;
-    let top = 0;
+    // the window grows with the data, from one minute up to the history kept
+    const first = samples.length ? samples[0][1] : end;
+    const span = Math.min(state.historyS, Math.max(60, end - first));
+    const start = end - span;
+    let dataTop = 0;
     for (const s of samples) {
-      for (const i of [idx.measured, idx.predicted, idx.budget]) if (s[i] !== null && s[i] > top) top = s[i];
+      for (const i of [idx.measured, idx.predicted]) if (s[i] !== null && s[i] > dataTop) dataTop = s[i];
+    }
+    // budgets far above the figures would flatten them: those are named, not drawn
+    let top = dataTop;
+    let offScale = 0;
+    for (const s of samples) {
+      const b = s[idx.budget];
+      if (b > 0 && (b <= 4 * dataTop || dataTop === 0)) top = Math.max(top, b);
+      else if (b > 0) offScale = Math.max(offScale, b);
     }
     top = top > 0 ? niceCeil(top * 1.1) : 1;
     const left = 46;
@@ -336,6 +347,12 @@
     ctx.fillStyle = "#1b2430";
     ctx.textBaseline = "top";
     ctx.fillText(title + " (" + unit + ")", left, 2);
+    if (offScale) {
+      ctx.fillStyle = COLORS.budget;
+      ctx.textAlign = "right";
+      ctx.fillText("▲ budget " + fmt(offScale, 0) + " " + unit + " (above the chart)", width - right, 2);
+      ctx.textAlign = "left";
+    }
     ctx.strokeStyle = "#dde3ea";
     ctx.lineWidth = 1;
     ctx.fillStyle = "#5b6675";
@@ -347,14 +364,14 @@
       ctx.moveTo(left, Math.round(y(v)) + 0.5);
       ctx.lineTo(width - right, Math.round(y(v)) + 0.5);
       ctx.stroke();
-      ctx.fillText(v >= 100 ? v.toFixed(0) : v.toFixed(v >= 10 ? 0 : 1), left - 4, y(v));
+      ctx.fillText(v === 0 || v >= 10 ? v.toFixed(0) : v.toFixed(1), left - 4, y(v));
     }
     ctx.textAlign = "center";
     ctx.textBaseline = "top";
-    const minutes = state.historyS / 60;
     for (let k = 0; k <= 4; k++) {
       const t = start + ((end - start) * k) / 4;
-      const label = k === 4 ? "now" : "-" + (minutes * (1 - k / 4)).toFixed(minutes >= 4 ? 0 : 1) + " min";
+      const back = span * (1 - k / 4);
+      const label = k === 4 ? "now" : back >= 120 ? "-" + (back / 60).toFixed(1) + " min" : "-" + Math.round(back) + " s";
       ctx.fillText(label, Math.min(width - right - 14, Math.max(left + 14, x(t))), height - lower + 3);
     }
     ctx.textAlign = "left";
@@ -365,23 +382,17 @@
       ctx.fillText("no results in this window", left + 8, upper + plotH / 2);
       return;
     }
-    // budget: a step line, broken where a request had none (0 = unbounded)
+    // budget: each request's own, as a level from it to the next request (none where 0 = unbounded)
     ctx.strokeStyle = COLORS.budget;
     ctx.lineWidth = 1.5;
     ctx.setLineDash([]);
     ctx.beginPath();
-    let drawing = false;
     visible.forEach((s, i) => {
       const b = s[idx.budget];
+      if (!(b > 0 && b <= top)) return;
       const nextT = i + 1 < visible.length ? visible[i + 1][1] : end;
-      if (b > 0) {
-        if (!drawing) ctx.moveTo(x(s[1]), y(b));
-        else ctx.lineTo(x(s[1]), y(b));
-        ctx.lineTo(x(nextT), y(b));
-        drawing = true;
-      } else {
-        drawing = false;
-      }
+      ctx.moveTo(x(s[1]), y(b));
+      ctx.lineTo(x(nextT), y(b));
     });
     ctx.stroke();
     line(ctx, visible, idx.predicted, x, y, COLORS.predicted, [5, 3]);
@@ -572,28 +583,25 @@
       clear(v.models);
       const described = n.models && n.models.length;
       const rows = described ? n.models : n.metrics_models || [];
-      v.models.append(
-        el(
-          "tr",
-          {},
-          ...["model", "task", "engine", "device", "provider", "state", "queue"].map((h) => el("th", { text: h })),
-        ),
-      );
+      v.models.append(el("tr", {}, ...["model", "runs on", "state · queue"].map((h) => el("th", { text: h }))));
       for (const m of rows) {
+        const runsOn = [m.engine, m.device, m.provider].filter(Boolean).join(" · ") || "–";
+        const queue = described
+          ? "queue " + m.queue_depth + (m.expected_wait_ms ? " · " + fmt(m.expected_wait_ms, 0) + " ms" : "")
+          : "";
         v.models.append(
           el(
             "tr",
             { "data-model": m.name || m.model },
-            el("td", { text: m.name || m.model }),
-            el("td", { text: m.task || "–" }),
-            el("td", { text: m.engine || "–" }),
-            el("td", { text: m.device || "–" }),
-            el("td", { text: m.provider || "–" }),
-            el("td", { text: described ? m.state || (m.ready ? "ready" : "not ready") : "(metrics)" }),
-            el("td", {
-              class: "num",
-              text: described ? m.queue_depth + (m.expected_wait_ms ? " · " + fmt(m.expected_wait_ms, 0) + " ms" : "") : "–",
-            }),
+            el("td", {}, el("b", { text: m.name || m.model }), el("br"), el("span", { class: "muted", text: m.task || "" })),
+            el("td", { class: "runs-on", text: runsOn }),
+            el(
+              "td",
+              {},
+              described ? m.state || (m.ready ? "ready" : "not ready") : "(metrics)",
+              el("br"),
+              el("span", { class: "muted", text: queue }),
+            ),
           ),
         );
       }
@@ -632,9 +640,8 @@
       for (const [label, value] of Object.entries(c.counters || {})) {
         if (value) facts.push([label.replace(/_/g, " "), fmt(value, 0)]);
       }
-      for (const [label, value] of Object.entries(c.violations || {})) {
-        if (value) facts.push(["violations " + label, fmt(value, 0)]);
-      }
+      const missed = Object.entries(c.violations || {}).filter(([, n]) => n);
+      if (missed.length) facts.push(["budgets missed", missed.map(([k, n]) => k + " ×" + fmt(n, 0)).join(", ")]);
       const down = Object.entries(c.experts_up || {}).filter(([, up]) => !up).map(([e]) => e);
       if (down.length) facts.push(["experts down", down.join(", ")]);
       clear(v.facts);
