@@ -38,6 +38,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lidar", type=Path, help="folder of KITTI .bin scans (default: the bundled sample)")
     p.add_argument("--camera", type=Path, help="folder of JPEG/PNG frames (default: the bundled sample)")
     p.add_argument("--no-live", action="store_true", help="print progress lines instead of a live table")
+    p.add_argument(
+        "--cache", type=Path, help="folder of the trained gates (default: $XDG_CACHE_HOME/moesaic/demo)"
+    )
+    p.add_argument("--retrain-gates", action="store_true", help="train every gate again, ignoring the cache")
     p.set_defaults(func=run_demo)
 
 

@@ -139,26 +139,57 @@ class Demo:
         described = ", ".join(f"{n.name}: {n.threads} thread(s)" for n in nodes)
         say(f"starting broker, {len(nodes)} nodes ({described})")
         await self._wait(tree, [n.address for n in nodes], "nodes", timeout=120)
+        await self._gates(nodes, workdir)
         coordinator, coordinator_metrics = f"127.0.0.1:{free_port()}", free_port()
         fleet = workdir / "fleet.yaml"
         fleet.write_text(fleet_yaml(nodes, coordinator_metrics, self.gates))
         tree.spawn("coordinator", ["moesaic", "coordinator", "--config", str(fleet), "--listen", coordinator])
-        await self._wait(tree, [coordinator], "coordinator", timeout=60)
         ingest_metrics = free_port()
         ingest = workdir / "ingest.yaml"
         ingest.write_text(ingest_yaml(self.lidar_tasks, self.camera_tasks, ingest_metrics))
+        # The bridge starts beside the coordinator (its channel connects when first used); the
+        # replay starts once both are up.
         tree.spawn(
             "ingest",
             ["moesaic", "ingest", "--config", str(ingest), "--broker", broker, "--coordinator", coordinator],
         )
-        say(f"fleet up in {time.monotonic() - started:.1f} s; replaying for {self.args.duration:.0f} s")
-        await self._replay(tree, broker)
+        await self._wait(tree, [coordinator], "coordinator", timeout=60)
+        await self._replay(tree, broker, started)
         duration = time.monotonic() - self.replay.started
         texts = {"ingest": metrics.fetch(ingest_metrics), "coordinator": metrics.fetch(coordinator_metrics)}
         texts.update({n.name: metrics.fetch(n.metrics_port) for n in nodes})
         metrics.save(texts, self.args.report / "metrics")
         self._finish(nodes, duration, texts["ingest"])
         return 0
+
+    async def _gates(self, nodes: list[NodePlan], workdir: Path) -> None:
+        """Each task's gate, trained on the running nodes the first time, then from the cache."""
+        from moesaic.demo.gates import cache_root, prepare_gates
+
+        started = time.monotonic()
+        cache = self.args.cache or cache_root()
+        reports = await prepare_gates(
+            nodes,
+            [*self.lidar_tasks, *self.camera_tasks],
+            cache=cache,
+            work=workdir / "labelled",
+            console=self.console,
+            retrain=self.args.retrain_gates,
+        )
+        for task, report in reports.items():
+            style = "" if report.files else "[yellow]"
+            self.console.print(f"{style}gate of {task}: {report.detail}", highlight=False)
+            if report.files is None:
+                self.notes.append(
+                    f"The gate of {task} could not be trained: prior weights ({report.detail})."
+                )
+        self.gates = {task: r.files for task, r in reports.items() if r.files is not None}
+        trained = sum(not r.cached and r.files is not None for r in reports.values())
+        self.console.print(
+            f"gates ready in {time.monotonic() - started:.1f} s "
+            f"({trained} trained, {sum(r.cached for r in reports.values())} from the cache {cache})",
+            highlight=False,
+        )
 
     async def _wait(self, tree: ProcessTree, addresses: list[str], what: str, *, timeout: float) -> None:
         import grpc
@@ -182,7 +213,7 @@ class Demo:
 
     # ----------------------------------------------------------------- replay
 
-    async def _replay(self, tree: ProcessTree, broker: str) -> None:
+    async def _replay(self, tree: ProcessTree, broker: str, started: float) -> None:
         import aiomqtt
         from rich.live import Live
 
@@ -200,11 +231,14 @@ class Demo:
         async def until_online(event: asyncio.Event) -> None:
             deadline = time.monotonic() + 30
             while not event.is_set():
-                self._check(tree, restart=False)
+                self._check(tree, restart=True)
                 if time.monotonic() > deadline:
                     raise SystemExit(self._fail("the bridge did not come online within 30 s"))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), 0.2)
+            self.console.print(
+                f"fleet up in {time.monotonic() - started:.1f} s; replaying for {self.args.duration:.0f} s"
+            )
 
         with (
             Live(table(), console=self.console, refresh_per_second=4)

@@ -165,7 +165,7 @@ def task_summary(ledger: TaskLedger, *, gate: str) -> dict[str, Any]:
     source = None if not outcomes else ("measured" if measured == len(outcomes) else "estimated")
     if outcomes and 0 < measured < len(outcomes):
         source = "mixed"
-    selections = Counter(e for o in outcomes for e in o.experts)
+    selections = Counter(e for o in outcomes for e in set(o.experts))  # results that selected e
     end_to_end = [o.end_to_end_ms for o in outcomes if o.end_to_end_ms is not None]
     return {
         "frames": frames,
