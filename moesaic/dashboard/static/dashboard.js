@@ -196,7 +196,7 @@
       el("td", { text: label }),
       el("td", { class: over ? "over" : null, text: fmt(measured, 1) }),
       el("td", { text: fmt(predicted, 1) }),
-      el("td", { text: budget > 0 ? fmt(budget, 0) : "unbounded" }),
+      el("td", { text: budget > 0 ? fmt(budget, budget < 10 ? 1 : 0) : "unbounded" }),
       el("td", { text: unit }),
     );
   }
@@ -458,7 +458,9 @@
   }
 
   function renderSensors() {
-    for (const [key, image] of [...state.images.entries()].sort()) {
+    // segmentation first, then the other grids of the sensor
+    const order = ([key, image]) => (image.task.includes("segmentation") ? "0" : "1") + key;
+    for (const [key, image] of [...state.images.entries()].sort((a, b) => order(a).localeCompare(order(b)))) {
       const v = sensorFor(image.sensor);
       let item = v.items.get(key);
       if (!item) {

@@ -7,6 +7,11 @@ import asyncio
 import contextlib
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -18,9 +23,11 @@ from PIL import Image
 
 from moesaic.dashboard import Dashboard, fleet_dashboard
 from moesaic.ingest.bridge import Bridge
+from moesaic.ingest.broker import free_port
 from moesaic.ingest.config import load_config
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2
+from tests.helpers.nodes import REPO_ROOT
 
 pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(90)]
 
@@ -209,3 +216,29 @@ async def test_a_broker_that_comes_later_is_picked_up(mosquitto) -> None:
         async with aiomqtt.Client("127.0.0.1", mosquitto.port) as client:
             await client.publish("moesaic/v1/status/ingest", b"online", qos=1, retain=True)
         await page.until(lambda p: any(c.get("status") == "online" for c in p.items("components")))
+
+
+def test_the_command_serves_until_sigterm() -> None:
+    """``moesaic dashboard`` prints its URL, serves the page with no broker up yet, and stops
+    cleanly (status 0) on SIGTERM."""
+    port, dead_broker = free_port(), free_port()
+    command = [sys.executable, "-m", "moesaic", "dashboard", "--broker", f"mqtt://127.0.0.1:{dead_broker}"]
+    process = subprocess.Popen(
+        [*command, "--listen", f"127.0.0.1:{port}", "--node", "edge-a=127.0.0.1:1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
+    try:
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == f"dashboard: http://127.0.0.1:{port}/"
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/state", timeout=5) as response:
+            state = json.loads(response.read())
+        assert state["type"] == "snapshot"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=5)
