@@ -163,7 +163,6 @@ class DashboardConfig(_Strict):
     poll_interval_s: float = Field(
         default=2.0, ge=0.5, le=60, description="how often nodes, metrics and health are polled"
     )
-    title: str = Field(default="moesaic fleet", max_length=80, description="page title")
 
     @field_validator("listen")
     @classmethod

@@ -104,7 +104,9 @@ def allowed_hosts(config: DashboardConfig) -> frozenset[str] | None:
     host, _ = parse_listen(config.listen)
     names = set(config.allowed_hosts)
     if host in ("0.0.0.0", "::", ""):
-        return frozenset(names) if names else None
+        if not names:
+            return None
+        host = "127.0.0.1"  # every interface: this machine's own names stay allowed
     names.add(host)
     if is_loopback(host):
         names.update({"127.0.0.1", "localhost", "::1"})

@@ -87,7 +87,7 @@ async def test_other_host_names_are_refused(served: tuple[str, FleetState, Hub])
         ("127.0.0.1:8321", (), {"127.0.0.1", "localhost", "::1"}),
         ("10.0.0.5:8321", ("dash.local",), {"10.0.0.5", "dash.local"}),
         ("0.0.0.0:8321", (), None),
-        ("0.0.0.0:8321", ("dash.local",), {"dash.local"}),
+        ("0.0.0.0:8321", ("dash.local",), {"dash.local", "127.0.0.1", "localhost", "::1"}),
     ],
 )
 def test_allowed_hosts(listen: str, extra: tuple[str, ...], expected: set[str] | None) -> None:
