@@ -13,6 +13,10 @@
     ) as dashboard:
         print(dashboard.url)
         await stop.wait()
+
+Sources known only later (the demo starts the dashboard before its fleet) are added while it
+runs: ``dashboard.add_node(address, name=...)``, ``dashboard.add_metrics(url, name=...)``,
+``dashboard.add_coordinator(address)``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from moesaic.dashboard.config import DashboardConfig, NodeTarget, is_loopback, parse_listen
+from moesaic.dashboard.config import DashboardConfig, MetricsEndpoint, NodeTarget, is_loopback, parse_listen
 from moesaic.dashboard.sources import MqttFeed, forever, poll_coordinator, poll_metrics, poll_node
 from moesaic.dashboard.state import FleetState
 from moesaic.ingest.topics import validate_segment
@@ -307,25 +307,37 @@ class Dashboard:
         self.port = int(runner.addresses[0][1]) if runner.addresses else port
         self._spawn("mqtt", self.feed.run)
         self._spawn("push", self._push)
-        state, interval = self.state, self.config.poll_interval_s
         for target in nodes:
-            self._spawn(f"node {target.address}", partial(poll_node, target, state, interval_s=interval))
+            self.add_node(target.address, name=target.name, tls=target.tls)
         for endpoint in self.config.metrics:
-            self._spawn(
-                f"metrics {endpoint.url}", partial(poll_metrics, endpoint, state, interval_s=interval)
-            )
+            self.add_metrics(endpoint.url, name=endpoint.name)
         if self.config.coordinator:
-            poll = partial(
-                poll_coordinator,
-                self.config.coordinator,
-                state,
-                interval_s=interval,
-                tls=self.config.coordinator_tls,
-            )
-            self._spawn("coordinator", poll)
+            self.add_coordinator(self.config.coordinator, tls=self.config.coordinator_tls)
         return self
 
+    # Sources known only once the dashboard runs (the demo starts it before its fleet):
+
+    def add_node(self, address: str, *, name: str | None = None, tls: TlsConfig | None = None) -> None:
+        """Describe the node at ``address`` from now on (shown as ``name``, else its node_id)."""
+        target = NodeTarget(address=address, name=name, tls=tls)
+        interval = self.config.poll_interval_s
+        self._spawn(f"node {address}", partial(poll_node, target, self.state, interval_s=interval))
+
+    def add_metrics(self, url: str, *, name: str | None = None) -> None:
+        """Scrape the Prometheus endpoint ``url`` from now on (shown as ``name``, else HOST:PORT)."""
+        endpoint = MetricsEndpoint(url=url, name=name)
+        interval = self.config.poll_interval_s
+        self._spawn(f"metrics {url}", partial(poll_metrics, endpoint, self.state, interval_s=interval))
+
+    def add_coordinator(self, address: str, *, tls: TlsConfig | None = None) -> None:
+        """Watch the coordinator's ``grpc.health.v1`` at ``address`` from now on."""
+        interval = self.config.poll_interval_s
+        poll = partial(poll_coordinator, address, self.state, interval_s=interval, tls=tls)
+        self._spawn("coordinator", poll)
+
     def _spawn(self, name: str, loop: Callable[[], Awaitable[None]]) -> None:
+        if self._runner is None:
+            raise RuntimeError("the dashboard is not running: use `async with Dashboard(...)` first")
         self._tasks.append(asyncio.create_task(forever(name, loop), name=f"dashboard {name}"))
 
     async def _push(self) -> None:

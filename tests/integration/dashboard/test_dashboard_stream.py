@@ -23,7 +23,7 @@ from PIL import Image
 
 from moesaic.dashboard import Dashboard, fleet_dashboard
 from moesaic.ingest.bridge import Bridge
-from moesaic.ingest.broker import free_port
+from moesaic.ingest.broker import EmbeddedBroker, free_port
 from moesaic.ingest.config import load_config
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2
@@ -242,3 +242,37 @@ def test_the_command_serves_until_sigterm() -> None:
         if process.poll() is None:
             process.kill()
         process.communicate(timeout=5)
+
+
+async def test_sources_added_while_running_with_the_demos_embedded_broker(node) -> None:
+    """As the demo uses it: started on the embedded (MQTT 3.1.1) broker before the fleet, then
+    told of the node, the coordinator and a metrics endpoint as they come up."""
+    metrics = Metrics(component="coordinator")
+    metrics.budget_violations.labels("detection", "no_feasible_set").inc(2)
+    server = metrics.serve(0)
+    try:
+        async with EmbeddedBroker(port=0) as broker, coordinator_with_health() as coordinator:
+            dashboard = fleet_dashboard(
+                "127.0.0.1:0", broker=broker.url, push_interval_s=0.2, poll_interval_s=0.5
+            )
+            async with dashboard, page_of(dashboard) as (page, _):
+                await asyncio.wait_for(dashboard.feed.connected.wait(), 10)  # MQTT 5 refused: 3.1.1
+                dashboard.add_node(node.address, name="edge-a")
+                dashboard.add_coordinator(coordinator)
+                dashboard.add_metrics(
+                    f"http://127.0.0.1:{server.server_address[1]}/metrics", name="coordinator"
+                )
+                await page.until(
+                    lambda p: (
+                        any(n["name"] == "edge-a" and n["health"] == "serving" for n in p.items("nodes"))
+                        and any(
+                            c["name"] == "coordinator"
+                            and c.get("health") == "serving"
+                            and c.get("violations") == {"detection no_feasible_set": 2.0}
+                            for c in p.items("components")
+                        )
+                    )
+                )
+    finally:
+        server.shutdown()
+        server.server_close()
