@@ -34,7 +34,7 @@ from moesaic.ingest.topics import (
     parse_status_topic,
 )
 
-__all__ = ["MAX_IMAGE_PIXELS", "Camera", "CameraFrame", "FleetState", "GridImage"]
+__all__ = ["MAX_IMAGE_PIXELS", "MAX_STREAMS", "Camera", "CameraFrame", "FleetState", "GridImage"]
 
 MAX_JSON_BYTES = 1 << 20
 MAX_IMAGE_BYTES = 16 << 20
@@ -42,7 +42,12 @@ MAX_IMAGE_PIXELS = 16_000_000
 """Images the page would be asked to decode are refused above this, from their header."""
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _RECENT_FRAMES = 32
+_RECENT_BYTES = 64 << 20
+"""A camera keeps its recent frames (to pair with their detections) up to these bounds."""
 _FRESH_RESULT_S = 5.0
+MAX_STREAMS = 256
+"""Task streams, grid images and cameras followed at most: more (a misbehaving publisher
+inventing sensor ids) are counted as ignored instead of growing without bound."""
 
 
 @dataclass
@@ -193,6 +198,9 @@ class FleetState:
         key = TaskKey(sensor, task)
         stream = self.streams.get(key)
         if stream is None:
+            if len(self.streams) >= MAX_STREAMS:
+                self._ignore("too_many_streams")
+                return
             stream = self.streams[key] = Stream(sensor, task)
         self._seq += 1
         stream.add(body, now=now, seq=self._seq, history_s=self.history_s)
@@ -212,6 +220,9 @@ class FleetState:
             return
         key = (sensor, task)
         previous = self.images.get(key)
+        if previous is None and len(self.images) >= MAX_STREAMS:
+            self._ignore("too_many_streams")
+            return
         version = previous.version + 1 if previous else 1
         self.images[key] = GridImage(sensor, task, bytes(payload), size[0], size[1], now, version)
         self._dirty.add(("image", key))
@@ -230,11 +241,17 @@ class FleetState:
             return
         camera = self.cameras.get(sensor)
         if camera is None:
+            if len(self.cameras) >= MAX_STREAMS:
+                self._ignore("too_many_streams")
+                return
             camera = self.cameras[sensor] = Camera(sensor)
         kept = CameraFrame(bytes(image.data), image.encoding, image.width, image.height, frame.frame_id, now)
         camera.recent[frame.frame_id] = kept
         camera.recent.move_to_end(frame.frame_id)
-        while len(camera.recent) > _RECENT_FRAMES:
+        while len(camera.recent) > 1 and (
+            len(camera.recent) > _RECENT_FRAMES
+            or sum(len(f.data) for f in camera.recent.values()) > _RECENT_BYTES
+        ):
             camera.recent.popitem(last=False)
         camera.frames += 1
         if now - camera.matched_at > _FRESH_RESULT_S:  # no detections lately: show the camera is live

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from moesaic.dashboard.sources import summarise_metrics
-from moesaic.dashboard.state import FleetState
+from moesaic.dashboard.state import MAX_STREAMS, FleetState
 from moesaic.dashboard.streams import miss_reason
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2
@@ -330,3 +330,14 @@ def test_metrics_summary_of_a_real_registry() -> None:
     summary = summarise_metrics(generate_latest(coordinator.registry).decode())
     assert summary["violations"] == {"detection deadline_missed": 3}
     assert summary["counters"]["selections"] == 5 and summary["experts_up"] == {"edge-a/yolo": False}
+
+
+def test_what_it_keeps_is_bounded() -> None:
+    state = FleetState()
+    for i in range(MAX_STREAMS + 5):
+        state.on_message(f"moesaic/v1/results/s{i}/detection", encode(result()), now=T0)
+    assert len(state.streams) == MAX_STREAMS and state.ignored == {"too_many_streams": 5}
+    for i in range(40):
+        envelope = moesaic_pb2.SensorFrame(frame_id=i + 1, encoding="jpeg", data=jpeg())
+        state.on_message("moesaic/v1/sensors/cam0/camera", envelope.SerializeToString(), now=T0)
+    assert list(state.cameras["cam0"].recent) == list(range(9, 41))  # the newest 32
