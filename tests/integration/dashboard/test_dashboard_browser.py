@@ -87,8 +87,8 @@ def test_the_page_lists_every_node_and_task(visit: Visit, small_fleet: SmallFlee
     detection = page.locator(f"[data-stream='{CAMERA_SENSOR}/detection']")
     experts = detection.locator(".experts li").all_text_contents()
     assert experts and all("tiny-det" in e and "%" in e for e in experts), experts
-    # the tight budget is missed, and the page says why
-    page.wait_for_selector(".stream .reason:not([hidden])", timeout=20_000)
+    # the tight budget is missed, and the page says why (or, were it refused, shows the error)
+    page.wait_for_selector(".stream .reason:not([hidden]), .stream .lasterror:not([hidden])", timeout=20_000)
     for component in ("coordinator", "ingest", "broker"):
         page.locator(f"[data-component='{component}']").wait_for(timeout=20_000)
 
