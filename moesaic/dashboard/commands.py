@@ -85,6 +85,9 @@ def run_dashboard(args: argparse.Namespace) -> int:
         return 2
     try:
         return asyncio.run(_serve(config))
+    except ImportError as exc:
+        log.error("%s", exc)
+        return 2
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 1

@@ -28,7 +28,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
+try:
+    from aiohttp import web
+except ImportError as exc:  # pragma: no cover - the extra is installed in development
+    raise ImportError("the dashboard needs aiohttp: pip install 'moesaic[dashboard]'") from exc
 
 from moesaic.dashboard.config import DashboardConfig, MetricsEndpoint, NodeTarget, is_loopback, parse_listen
 from moesaic.dashboard.sources import MqttFeed, forever, poll_coordinator, poll_metrics, poll_node
