@@ -79,8 +79,19 @@ class CoordinatorSettings(_Strict):
         0, ge=0, description="Fine level: top-k of the gate within the pool; 0 = no limit."
     )
     ewma_alpha: float = Field(0.2, gt=0, le=1, description="Weight of the newest reply in the live profiles.")
+    latency_deviations: float = Field(
+        2.0,
+        ge=0,
+        description="Predicted latency = mean + this many mean absolute deviations of the measured "
+        "service time (2: about the 95th percentile; 0: the mean).",
+    )
     failures_to_down: int = Field(2, ge=1, description="Consecutive failed calls that mark a node down.")
-    probe_interval_s: float = Field(2.0, gt=0, description="How often down nodes are probed again.")
+    probe_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often every node's Describe is read again: down nodes come back, "
+        "suspect replicas are cleared, queue waits are refreshed.",
+    )
     describe_timeout_s: float = Field(3.0, gt=0, description="Timeout of a node's Describe.")
     budget_bucket_ratio: float = Field(
         1.25, gt=1, description="Coarse cache: budgets are rounded down to powers of this ratio."

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from moesaic.coordinator import fusion
 from moesaic.coordinator.calls import Run
 from moesaic.coordinator.config import FleetConfig
 from moesaic.coordinator.pipeline import PerceiveInput, Perception, Pipeline
@@ -45,6 +46,8 @@ class Coordinator:
 
     async def __aenter__(self) -> Coordinator:
         await self.registry.start()
+        if "detection" in self.registry.tasks():
+            fusion.warm_up()  # the first detection request must not pay for importing it
         return self
 
     async def __aexit__(self, *exc: object) -> None:

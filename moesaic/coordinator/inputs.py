@@ -22,13 +22,25 @@ import numpy as np
 from moesaic.errors import InvalidInput, quote
 from moesaic.runtime.engine import dtype_of
 
-__all__ = ["TASK_OPTIONS", "RequestInputs", "check_options", "decode_image", "decode_inputs", "tile_options"]
+__all__ = [
+    "COMMON_OPTIONS",
+    "TASK_OPTIONS",
+    "RequestInputs",
+    "check_options",
+    "decode_image",
+    "decode_inputs",
+    "tile_options",
+]
 
 TASK_OPTIONS: dict[str, frozenset[str]] = {
     "detection": frozenset({"slice", "overlap"}),
     "vlm": frozenset({"prompt"}),
 }
 """Perceive ``options`` each task understands; any other key is refused, by name."""
+
+COMMON_OPTIONS = frozenset({"experts"})
+"""Options of every task: ``experts=a,b`` restricts the choice to these experts (A/B tests,
+baselines); an id that is not an expert of the task is refused when the request is planned."""
 
 _MAX_IMAGE_PIXELS = 64_000_000
 
@@ -87,7 +99,7 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
 
 def check_options(task: str, options: Mapping[str, str]) -> None:
     """:class:`InvalidInput` naming unknown options of ``task`` or a bad value, before any work."""
-    known = TASK_OPTIONS.get(task, frozenset())
+    known = TASK_OPTIONS.get(task, frozenset()) | COMMON_OPTIONS
     unknown = sorted(set(options) - known)
     if unknown:
         names = ", ".join(quote(name, 32) for name in unknown[:5]) + (" ..." if len(unknown) > 5 else "")

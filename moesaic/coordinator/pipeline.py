@@ -32,7 +32,7 @@ from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.planner import Plan, Planner, cheapest
 from moesaic.coordinator.registry import Expert, Registry
 from moesaic.coordinator.selection import Budget
-from moesaic.errors import InvalidInput, ResourceExhausted, Unavailable
+from moesaic.errors import InvalidInput, ResourceExhausted, Unavailable, quote
 from moesaic.metrics import Metrics
 
 __all__ = ["PerceiveInput", "Perception", "Pipeline", "RequestState"]
@@ -146,9 +146,8 @@ class Pipeline:
             shed=request.task in self.shed_tasks,
             sensor=str(request.inputs.parameters.get("sensor_id", "")),
         )
-        state.experts = self.planner.candidates(
-            request.task, self.registry.experts(request.task, sensor=state.sensor, now=start)
-        )
+        offer = self.registry.experts(request.task, sensor=state.sensor, now=start)
+        state.experts = _only(self.planner.candidates(request.task, offer), request)
         if not state.experts:
             raise Unavailable(f"task {request.task!r}: no expert is up", reason="no_expert")
         return state
@@ -233,6 +232,22 @@ class Pipeline:
             cheapest_latency_ms=state.cheapest[0],
             cheapest_energy_mj=state.cheapest[1],
         )
+
+
+def _only(experts: list[Expert], request: PerceiveInput) -> list[Expert]:
+    """``experts`` restricted by the request's ``experts`` option (InvalidInput naming an unknown id)."""
+    wanted = [e.strip() for e in request.options.get("experts", "").split(",") if e.strip()]
+    if not wanted:
+        return experts
+    known = {e.id for e in experts}
+    unknown = [e for e in wanted if e not in known]
+    if unknown:
+        raise InvalidInput(
+            f"options.experts: {quote(unknown[0], 64)} is not an expert of task {request.task!r} that is "
+            f"up (up: {sorted(known)})",
+            reason="bad_option",
+        )
+    return [e for e in experts if e.id in wanted]
 
 
 def _budget(budget: Budget) -> str:

@@ -3,12 +3,20 @@
 Predicted latency = expected wait in the node's queue + service time + network time:
 
 - **service** (pre + engine + post on the node): the node's ``compute_ms`` of every reply,
-  as an EWMA; before the first reply, the fleet config's override, the node's profile file,
-  or the service time the node measured on its load-time probe (``Describe``), in that order;
+  as an EWMA, plus ``latency_deviations`` x its mean absolute deviation (so a prediction is a
+  high quantile, not the mean: with 2, about the 95th percentile); before the first reply, the
+  fleet config's override, the node's profile file, or the service time the node measured on
+  its load-time probe (``Describe``), in that order;
 - **network**: round trip less the node's queue and compute time, as an EWMA; before the first
   reply, the ``Describe`` round trip (0 when the fleet config gives the latency);
-- **wait**: the larger of what the node last reported (``expected_wait_ms``, counted down
-  since) and the service time still ahead of the calls this coordinator has in flight there.
+- **wait**: the larger of what the node last reported (``expected_wait_ms`` in replies and in
+  the registry's periodic ``Describe``, counted down since) and the service time still ahead
+  of the calls this coordinator has in flight there.
+
+A call that got no reply within ``w`` ms sets a floor of ``w`` under the prediction; the floor
+halves every ``FLOOR_HALF_LIFE_S`` and a reply clears it, so a replica that was merely busy
+is tried again soon while a hung one is waited for longer each time (``deadline_slack`` x the
+floor).
 
 Predicted energy is the node's attributed energy per inference (the figure its replies
 carry), as an EWMA; before the first reply, the override, the profile file, or what the
@@ -25,7 +33,9 @@ from typing import Any
 from moesaic.coordinator.config import CoordinatorSettings, ExpertOverride
 from moesaic.nodes.client import InferResult
 
-__all__ = ["Profile"]
+__all__ = ["FLOOR_HALF_LIFE_S", "Profile"]
+
+FLOOR_HALF_LIFE_S = 2.0
 
 
 @dataclass
@@ -35,10 +45,15 @@ class Profile:
     energy_mj: float
     energy_source: str = "estimate"
     replies: int = 0
+    deviations: float = 2.0
+    """Mean absolute deviations of the service time added to its mean in predictions."""
+    service_dev_ms: float = 0.0
     drift: float = 0.25
     """Relative change of latency or energy that counts as a new profile (see :meth:`observe`)."""
     _wait_ms: float = 0.0
     _wait_at: float = 0.0
+    _floor_ms: float = 0.0
+    _floor_at: float = 0.0
     _inflight: dict[int, float] = field(default_factory=dict)
     _anchor: tuple[float, float] = (0.0, 0.0)
 
@@ -59,7 +74,14 @@ class Profile:
         # for the network (it includes connecting: an over-estimate, on the safe side).
         given = override is not None and override.latency_ms is not None
         network = 0.0 if given else max(round_trip_ms, 0.0)
-        p = cls(service, network, energy, source, drift=settings.profile_drift)
+        p = cls(
+            service,
+            network,
+            energy,
+            source,
+            deviations=settings.latency_deviations,
+            drift=settings.profile_drift,
+        )
         p.report_wait(model.expected_wait_ms, time.monotonic())
         return p
 
@@ -71,17 +93,23 @@ class Profile:
 
     @property
     def latency_ms(self) -> float:
-        """Service + network on an idle node."""
-        return self.service_ms + self.network_ms
+        """Service (a high quantile of it) + network on an idle node."""
+        return self.service_ms + self.deviations * self.service_dev_ms + self.network_ms
 
     def wait_ms(self, now: float) -> float:
-        reported = self._wait_ms - (now - self._wait_at) * 1e3
+        reported = self._wait_ms - max(now - self._wait_at, 0.0) * 1e3
         ahead = sum(max(self.service_ms - (now - t0) * 1e3, 0.0) for t0 in self._inflight.values())
         return max(reported, ahead, 0.0)
 
+    def floor_ms(self, now: float) -> float:
+        """What the last missed deadline still says about this replica (decaying)."""
+        if self._floor_ms <= 0:
+            return 0.0
+        return self._floor_ms * 0.5 ** (max(now - self._floor_at, 0.0) / FLOOR_HALF_LIFE_S)
+
     def completion_ms(self, now: float) -> float:
         """Predicted latency of a call sent at ``now``."""
-        return self.wait_ms(now) + self.latency_ms
+        return max(self.wait_ms(now) + self.latency_ms, self.floor_ms(now))
 
     def report_wait(self, wait_ms: float, now: float) -> None:
         if math.isfinite(wait_ms) and wait_ms >= 0:
@@ -108,6 +136,7 @@ class Profile:
         if self.replies == 0:  # the first reply replaces the prior outright
             self.service_ms, self.network_ms = compute, network
         else:
+            self.service_dev_ms += alpha * (abs(compute - self.service_ms) - self.service_dev_ms)
             self.service_ms += alpha * (compute - self.service_ms)
             self.network_ms += alpha * (network - self.network_ms)
         energy = result.energy_mj
@@ -118,16 +147,14 @@ class Profile:
             if result.energy_source:
                 self.energy_source = result.energy_source
         self.report_wait(_number(params.get("expected_wait_ms"), math.nan), time.monotonic())
+        self._floor_ms = 0.0
         self.replies += 1
         return self._moved()
 
-    def observe_timeout(self, waited_ms: float) -> bool:
-        """A call got no reply within ``waited_ms``: it takes at least that long, so the
-        prediction rises to it at once (the next hang deadline is ``deadline_slack`` times
-        longer: a slow expert is waited for longer each time until it answers)."""
-        if math.isfinite(waited_ms) and waited_ms > self.latency_ms:
-            self.service_ms = waited_ms - self.network_ms
-        return self._moved()
+    def observe_timeout(self, waited_ms: float, now: float) -> None:
+        """A call got no reply within ``waited_ms``: predict at least that until it decays."""
+        if math.isfinite(waited_ms) and waited_ms > self.floor_ms(now):
+            self._floor_ms, self._floor_at = waited_ms, now
 
     def _moved(self) -> bool:
         lat0, en0 = self._anchor

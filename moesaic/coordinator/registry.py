@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,10 +227,10 @@ class Registry:
         self.node_of(replica).failures = 0
 
     def observe_timeout(self, replica: Replica, waited_ms: float) -> None:
-        """A missed deadline: the replica is slow or hung. Its live latency moves towards
-        ``waited_ms``, it is suspect (skipped) until its node answers a probe; the node stays up."""
-        if replica.profile.observe_timeout(waited_ms):
-            self.epoch += 1
+        """A missed deadline: the replica is slow or hung. It is predicted to take at least
+        ``waited_ms`` for a while, and is suspect (skipped) until its node answers a probe; the
+        node stays up."""
+        replica.profile.observe_timeout(waited_ms, time.monotonic())
         node = self.node_of(replica)
         node.last_error = f"{replica.model}: deadline after {waited_ms:.0f} ms"
         if not replica.suspect:
@@ -350,14 +350,9 @@ class Registry:
     async def _probe_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.probe_interval_s)
-            due = [n for n in self.nodes if not n.probing and (not n.up or _needs_probe(n.replicas))]
+            due = [n for n in self.nodes if not n.probing]  # the up ones too: queue waits, priors
             if due:
                 await asyncio.gather(*(self._describe(n) for n in due), return_exceptions=True)
-
-
-def _needs_probe(replicas: Mapping[str, Replica]) -> bool:
-    """A suspect replica, or one with no reply yet (its node's Describe refreshes the prior)."""
-    return any(r.suspect or r.profile.replies == 0 for r in replicas.values())
 
 
 def _short(exc: BaseException) -> str:

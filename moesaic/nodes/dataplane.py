@@ -239,6 +239,17 @@ class DataPlane:
             and (m.batcher is None or m.batcher.running_s() == 0.0)
         ]
 
+    def calibrate(self, model: ServedModel, timeout_s: float, runs: int = 3) -> None:
+        """Probe an unbatched model ``runs`` times right after loading; its service time starts at
+        the median of the runs after the first (which still warms caches up)."""
+        times = []
+        for _ in range(runs):
+            t0 = time.monotonic()
+            self.probe(model, timeout_s)
+            times.append(time.monotonic() - t0)
+        if model.batcher is None and len(times) > 1:
+            self.queues[model.name].set_service(float(np.median(times[1:])))
+
     def probe(self, model: ServedModel, timeout_s: float) -> None:
         """Run the model once through its queue (liveness, and the service time Describe reports
         before any request): its processor's sample request through the whole path when it has

@@ -163,6 +163,11 @@ class ModelQueue:
             reason="expired_in_queue",
         )
 
+    def set_service(self, seconds: float) -> None:
+        """Start the running mean of the service time at ``seconds`` (a calibration)."""
+        with self._lock:
+            self._service_s, self._served = seconds, max(self._served, 1)
+
     def state(self) -> QueueState:
         """Depth (running + waiting) and the wait a request arriving now should expect."""
         running, waiting = len(self._running), len(self._waiting)  # len() needs no lock

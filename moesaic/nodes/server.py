@@ -145,7 +145,10 @@ class NodeServer:
             return
         for model in self.models.values():
             if model.ready and model.batcher is None:  # Describe has a service time from the start
-                self._probe(model)
+                try:
+                    self.plane.calibrate(model, self.config.hang_timeout_s)
+                except Exception as exc:  # a probe may be refused: the first requests teach it then
+                    log.debug("calibration of %s: %s", model.name, exc)
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
         self.cost.relearn_idle()  # loading worked the device while no request ran

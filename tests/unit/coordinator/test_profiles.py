@@ -8,7 +8,7 @@ import math
 import pytest
 
 from moesaic.coordinator.config import ExpertOverride, parse_fleet
-from moesaic.coordinator.profiles import Profile
+from moesaic.coordinator.profiles import FLOOR_HALF_LIFE_S, Profile
 from moesaic.nodes.client import InferResult
 from moesaic.proto import moesaic_pb2
 from tests.unit.coordinator.fleet_state import registry_of
@@ -71,12 +71,17 @@ def test_wait_is_the_nodes_report_counted_down_or_the_work_this_coordinator_has_
     assert p.wait_ms(100.052) == 0.0
 
 
-def test_a_timeout_raises_the_prediction_to_at_least_what_was_waited() -> None:
+def test_a_timeout_sets_a_decaying_floor_that_a_reply_clears() -> None:
     p = Profile(service_ms=5.0, network_ms=1.0, energy_mj=0.0)
-    assert p.observe_timeout(65.0)  # moved beyond the drift: cached selections are stale
-    assert p.latency_ms == pytest.approx(65.0)
-    assert not p.observe_timeout(30.0) and p.latency_ms == pytest.approx(65.0)
-    assert not p.observe_timeout(math.nan)
+    p.observe_timeout(65.0, now=10.0)
+    assert p.completion_ms(10.0) == pytest.approx(65.0)
+    assert p.completion_ms(10.0 + FLOOR_HALF_LIFE_S) == pytest.approx(32.5)  # halves
+    p.observe_timeout(30.0, now=10.0)  # a shorter miss does not lower it
+    assert p.completion_ms(10.0) == pytest.approx(65.0)
+    p.observe_timeout(math.nan, now=10.0)
+    p.observe(reply(4.0, 1.0), round_trip_ms=5.0, alpha=0.5)
+    assert p.completion_ms(10.0) == pytest.approx(5.0)
+    assert p.latency_ms == pytest.approx(5.0)  # the service time itself never took the miss
 
 
 def test_the_registry_offers_each_model_once_through_its_earliest_replica_and_keeps_sensor_affinity() -> None:
