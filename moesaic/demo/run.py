@@ -306,6 +306,7 @@ class Demo:
         out = self.args.report
         out.mkdir(parents=True, exist_ok=True)
         (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        (out / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.replay.received))
         self.console.print(summary_table(summary))
         try:
             from moesaic.datasets.lidar_scenes import CLASS_NAMES

@@ -48,6 +48,8 @@ class Outcome:
     within_budget: bool
     reason: str
     experts: tuple[str, ...]
+    budget: tuple[float, float] = (0.0, 0.0)
+    """(latency ms, energy mJ); 0 = unbounded."""
     end_to_end_ms: float | None = None
 
     @classmethod
@@ -72,6 +74,7 @@ class Outcome:
             experts=tuple(
                 str(e["id"]) for e in body.get("experts") or () if isinstance(e, dict) and "id" in e
             ),
+            budget=(latency_budget, energy_budget),
             end_to_end_ms=end_to_end_ms,
         )
 
@@ -185,7 +188,24 @@ def task_summary(ledger: TaskLedger, *, gate: str) -> dict[str, Any]:
         "gate": gate,
         "selections": dict(sorted(selections.items(), key=lambda kv: (-kv[1], kv[0]))),
         "budget_reasons": dict(Counter(o.reason for o in outcomes if o.reason)),
+        "budgets": _by_budget(outcomes),
     }
+
+
+def _by_budget(outcomes: list[Outcome]) -> dict[str, dict[str, Any]]:
+    """Per budget (``"400 ms, 0 mJ"``): results, feasible, within budget, p50 latency, selections."""
+    out: dict[str, dict[str, Any]] = {}
+    for budget in sorted({o.budget for o in outcomes}):
+        these = [o for o in outcomes if o.budget == budget]
+        out[f"{budget[0]:g} ms, {budget[1]:g} mJ"] = {
+            "results": len(these),
+            "feasible": sum(o.feasible for o in these),
+            "within_budget": sum(o.within_budget for o in these),
+            "latency_ms_p50": _percentile([o.latency_ms for o in these], 50),
+            "energy_mj_p50": _percentile([o.energy_mj for o in these], 50),
+            "selections": dict(Counter(e for o in these for e in set(o.experts)).most_common()),
+        }
+    return out
 
 
 def summarise(
