@@ -21,8 +21,9 @@ the task's policy is ``shed``).
 
 Per policy and load: within-budget share of the feasible requests (feasible: the budget is at
 least the cheapest expert's unloaded p95 — the same rule for every policy; "(coord.)": those the
-coordinator's own prediction admitted, for the policies that send the budget), shed and flagged shares, *silently late* replies (late
-but ``budget_met`` true: must be 0), p50/p99 latency and mean energy. Raw JSON:
+coordinator's own prediction admitted, for the policies that send the budget), shed and
+flagged shares, *silently late* replies (late but ``budget_met`` true: must be 0), p50/p99
+latency and mean energy. Raw JSON:
 ``bench/results/budget_adherence.json`` with command, commit and machine.
 """
 
