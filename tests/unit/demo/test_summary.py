@@ -169,6 +169,26 @@ def test_latency_energy_and_selections() -> None:
     assert t["gate"] == "trained"
 
 
+def test_figures_per_budget() -> None:
+    tight = {"latency_ms": 30.0, "energy_mj": 0.0}
+    events = [
+        ("result", result(1, latency_ms=10.0)),
+        ("result", result(2, latency_ms=20.0, budget=tight)),
+        ("result", result(3, latency_ms=40.0, budget=tight, experts=[{"id": "yolo-n-640"}])),
+    ]
+    budgets = summarise(ledger_with(events), duration_s=1.0, gates={})["tasks"]["detection"]["budgets"]
+    assert list(budgets) == ["30 ms, 0 mJ", "100 ms, 0 mJ"]
+    assert budgets["30 ms, 0 mJ"] == {
+        "results": 2,
+        "feasible": 2,
+        "within_budget": 1,
+        "latency_ms_p50": 30.0,
+        "energy_mj_p50": 10.0,
+        "selections": {"yolo-n": 1, "yolo-n-640": 1},
+    }
+    assert budgets["100 ms, 0 mJ"]["within_budget"] == 1
+
+
 def test_summary_keeps_the_bridge_counters_and_unattributed_errors() -> None:
     ledger = ledger_with([("error", {"sensor": "nobody", "reason": "bad_payload"})])
     summary = summarise(ledger, duration_s=3.456, gates={}, bridge={"frames_missing": 2.0})
