@@ -94,3 +94,20 @@ async def test_shed_policy_refuses_what_no_expert_set_can_meet(tmp_path: Path) -
                 await stub.Perceive(x_request(np.zeros(FEATURES), latency_ms=1), timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "no expert set fits" in info.value.details()
+
+
+async def test_option_experts_restricts_the_choice_and_refuses_an_unknown_expert(tmp_path: Path) -> None:
+    write_classifier(tmp_path / "a", "cls-a", seed=1)
+    write_classifier(tmp_path / "a", "cls-b", seed=2)
+    with node_process(tmp_path / "a") as (_, addr):
+        async with coordinator(fleet([{"address": addr, "name": "n0"}])) as (stub, _):
+            req = x_request(np.zeros(FEATURES))
+            both = await stub.Perceive(req, timeout=10)
+            assert {e.expert_id for e in both.experts} == {"cls-a", "cls-b"}
+            req.options["experts"] = "cls-b"
+            one = await stub.Perceive(req, timeout=10)
+            assert [e.expert_id for e in one.experts] == ["cls-b"]
+            req.options["experts"] = "cls-z"
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Perceive(req, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "cls-z" in info.value.details()
