@@ -116,6 +116,7 @@ class CostMeter:
         self._completed: deque[tuple[str, float]] = deque()  # model, requests; drained per interval
         # Running joules and completed requests per model (decayed): the figure replies carry.
         self._rate: dict[str, tuple[float, float]] = {}
+        self._per_request: dict[str, float] = {}  # the figure, updated while _rate holds >= 1 request
         self._idle_samples: deque[tuple[float, float]] = deque(maxlen=_IDLE_SAMPLES)  # joules, seconds
         self._lowest_window: float | None = None
         self._quiet = (0.0, 0.0)  # joules, seconds of the current stretch without work
@@ -163,14 +164,16 @@ class CostMeter:
 
         The figure is the model's attributed energy over the requests it completed, decayed
         over ``memory_s``: stable per request, while the attribution itself follows busy time.
-        Before the model's first interval closes, the device's figure over all models stands
-        in (0 before any interval closed).
+        It moves only while at least one request's worth of completions is in that memory, so
+        an idle gap (which decays the count towards 0 while the next request's joules arrive
+        before its completion) leaves the last figure standing. Before the model's first
+        figure, the mean of the device's other models' figures stands in (0 before any).
         """
-        rate = self._rate.get(model)
-        if rate is None or rate[1] <= 0:
-            rates = list(self._rate.values())  # one C-level copy: the sampler may add a model
-            rate = (sum(r[0] for r in rates), sum(r[1] for r in rates))
-        return rate[0] / rate[1] if rate[1] > 0 else 0.0
+        figure = self._per_request.get(model)
+        if figure is not None:
+            return figure
+        figures = list(self._per_request.values())  # one C-level copy: the sampler may add one
+        return sum(figures) / len(figures) if figures else 0.0
 
     @property
     def idle_watts(self) -> float:
@@ -323,7 +326,13 @@ class CostMeter:
         d = math.exp(-seconds / self._memory)
         for model in self._rate.keys() | attributed.keys():
             j, n = self._rate.get(model, (0.0, 0.0))
-            self._rate[model] = (j * d + attributed.get(model, 0.0), n * d + completed.get(model, 0.0))
+            j, n = j * d + attributed.get(model, 0.0), n * d + completed.get(model, 0.0)
+            self._rate[model] = (j, n)
+            if n >= 1.0:
+                # At least one request's worth of completions in memory: a figure that cannot
+                # blow up when the count has decayed over an idle gap while a new request's
+                # joules arrive before its completion does.
+                self._per_request[model] = j / n
         return IntervalReport(seconds, joules, idle, attributed)
 
     def _forget_before(self, t: float) -> None:

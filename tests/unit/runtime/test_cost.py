@@ -155,3 +155,28 @@ def test_failed_reads_skip_a_tick_and_the_next_catches_up() -> None:
     counter.advance(1.0)
     meter.sample()
     assert meter.snapshot().device_joules == pytest.approx(20.0)
+
+
+def test_the_per_request_figure_survives_an_idle_gap_and_a_request_spanning_intervals() -> None:
+    """After a long idle gap the decayed request count is ~0; a new request's joules arrive
+    interval by interval before its completion does: the figure must stay one request's worth."""
+    clock = Clock()
+    meter = CostMeter(
+        EstimateMeter(10.0, clock=clock), device="cpu", interval_s=3600, clock=clock, memory_s=3.0
+    )
+    work = meter.begin("m")
+    clock.t += 0.3  # one 0.3 s request at 10 W: 3 J
+    meter.end(work)
+    meter.sample()
+    assert meter.energy_j("m") == pytest.approx(3.0)
+    clock.t += 60.0  # idle: the running count decays to e^-20
+    meter.sample()
+    work = meter.begin("m")
+    for _ in range(3):  # the next request runs over three intervals
+        clock.t += 0.1
+        meter.sample()
+        assert meter.energy_j("m") == pytest.approx(3.0, rel=0.05)
+    meter.end(work)
+    clock.t += 0.01
+    meter.sample()
+    assert 2.5 < meter.energy_j("m") < 6.5  # the completed request counted: about one request's joules
