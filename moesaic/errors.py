@@ -25,6 +25,7 @@ __all__ = [
     "MESSAGE_LIMIT",
     "Cancelled",
     "DeadlineExceeded",
+    "FailedPrecondition",
     "Internal",
     "InvalidInput",
     "MoesaicError",
@@ -87,6 +88,14 @@ class Unavailable(MoesaicError):
 
     code = "unavailable"
     default_reason = "unavailable"
+
+
+class FailedPrecondition(MoesaicError):
+    """The operation cannot succeed in the state things are in: a model version whose files
+    do not load, a model with no version to serve. Retrying the same call will not help."""
+
+    code = "failed_precondition"
+    default_reason = "failed_precondition"
 
 
 class DeadlineExceeded(MoesaicError, TimeoutError):

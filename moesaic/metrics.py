@@ -87,6 +87,13 @@ class Metrics:
             ["model", "version", "engine", "device", "provider"],
             registry=r,
         )
+        self.model_loads = Counter(
+            "moesaic_model_loads",
+            "Model version loads (start, RepositoryModelLoad, --watch) by result: ok or failed; "
+            "a failed load leaves the version serving before it in place.",
+            ["model", "version", "result"],
+            registry=r,
+        )
         self.requests = Counter(
             "moesaic_requests", "Requests handled, by gRPC status code.", ["method", "code"], registry=r
         )

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from moesaic.errors import (
     Cancelled,
     DeadlineExceeded,
+    FailedPrecondition,
     Internal,
     InvalidInput,
     NotFound,
@@ -204,6 +205,7 @@ _STATUS: Mapping[str, grpc.StatusCode] = {
     ResourceExhausted.code: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Cancelled.code: grpc.StatusCode.CANCELLED,
     Internal.code: grpc.StatusCode.INTERNAL,
+    FailedPrecondition.code: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 

@@ -52,6 +52,8 @@ class Replica:
     weight: float = 1.0
     class_names: tuple[str, ...] = ()
     suspect: bool = False
+    version: str = ""
+    """The model version the node serves (Describe); a new one starts a fresh profile."""
 
     @property
     def id(self) -> str:
@@ -309,6 +311,14 @@ class Registry:
                 continue
             seen.add(model.name)
             existing = node.replicas.get(model.name)
+            if existing is not None and existing.node == node.name and existing.version != model.version:
+                log.info(
+                    "replica %s now serves version %s (was %s): its learned profile starts again",
+                    existing.id,
+                    model.version or "?",
+                    existing.version or "?",
+                )
+                existing = None  # another model behind the same name: rebuilt below from the prior
             if existing is not None and existing.node == node.name:
                 existing.profile.report_wait(model.expected_wait_ms, now)
                 if existing.profile.replies == 0:  # no reply yet: the node's newer figures
@@ -323,6 +333,7 @@ class Registry:
                 profile=Profile.prior(model, override, self.settings, round_trip_ms),
                 weight=override.weight if override is not None else 1.0,
                 class_names=tuple(model.class_names),
+                version=model.version,
             )
         for name in list(node.replicas):
             if name not in seen:

@@ -26,6 +26,17 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--node-id", help="name of this node in the fleet (default: host name)")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     parser.add_argument(
+        "--watch",
+        action="store_const",
+        const=True,
+        default=None,
+        help="poll the repository and swap in new or changed model versions without downtime "
+        "(default: off; load and unload through the KServe repository API)",
+    )
+    parser.add_argument(
+        "--watch-interval", type=float, metavar="SECONDS", help="how often --watch polls (default 2)"
+    )
+    parser.add_argument(
         "--allow-cpu-fallback",
         action="store_const",
         const=True,
@@ -47,6 +58,8 @@ def run_node(args: argparse.Namespace) -> int:
         "node_id": args.node_id,
         "metrics_port": args.metrics_port,
         "allow_cpu_fallback": args.allow_cpu_fallback,
+        "watch": args.watch,
+        "watch_interval_s": args.watch_interval,
     }
     try:
         config = load_node_config(args.config, overrides=overrides)

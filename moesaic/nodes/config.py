@@ -8,6 +8,7 @@
     device: auto
     tls: {cert: node.pem, key: node.key, client_ca: fleet-ca.pem}
     metrics_port: 9101
+    watch: true              # load new model versions as they appear (hot swap)
 
 Environment overrides name a field in upper case (``MOESAIC_NODE_LISTEN=0.0.0.0:9000``);
 nested fields use a double underscore (``MOESAIC_NODE_TLS__CERT=/run/creds/node.pem``).
@@ -81,6 +82,12 @@ class NodeConfig(BaseModel):
         description="An engine call running longer than this marks its model hung: health "
         "NOT_SERVING and the systemd watchdog is no longer fed (systemd restarts the node).",
     )
+    watch: bool = Field(
+        False,
+        description="Poll the model repository and load new or changed model versions on its own "
+        "(a swap without downtime; the old version keeps serving when the new one fails to load).",
+    )
+    watch_interval_s: float = Field(2.0, gt=0, description="How often --watch polls the repository, seconds.")
     probe_interval_s: float = Field(
         30.0,
         gt=0,

@@ -14,6 +14,12 @@ post) is registered there, the meter splits each interval's dynamic energy by bu
 reply carries the model's attributed joules per completed request; no meter is read on the
 request path.
 
+Versions: :attr:`DataPlane.models` maps each model name to the version serving requests that
+name none (the highest served); :attr:`DataPlane.versions` holds every served version. The
+model lifecycle (:mod:`moesaic.nodes.lifecycle`) swaps entries of both atomically; a request
+holds the version it resolved (:meth:`~moesaic.nodes.repository.ServedModel.acquire`) until
+it is answered, so a retired version finishes its work before it closes.
+
 >>> # plane = DataPlane(models, cost, metrics)
 >>> # reply = plane.infer(plane.ready_model("yolo-n"), {"image": frame}, {}, deadline=t)
 """
@@ -71,28 +77,73 @@ class Reply:
 class DataPlane:
     """Queue, batch, run and account the requests of a node's models."""
 
-    def __init__(self, models: Mapping[str, ServedModel], cost: CostMeter, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        models: dict[str, ServedModel],
+        cost: CostMeter,
+        metrics: Metrics,
+        *,
+        versions: dict[str, dict[int, ServedModel]] | None = None,
+    ) -> None:
         self.models = models
+        self.versions: dict[str, dict[int, ServedModel]] = versions or {
+            name: {m.version: m} for name, m in models.items()
+        }
+        self.unloaded: set[str] = set()
+        """Names unloaded from this node (their requests are told so)."""
         self.cost = cost
         self.metrics = metrics
-        self.queues = {name: ModelQueue(name, slots=m.spec.instances) for name, m in models.items()}
         # Metric children looked up once (``labels()`` is slow); latencies are observed off the
         # request path, by :meth:`flush_metrics` (the cost meter's thread calls it).
-        self._latency = {name: metrics.expert_latency.labels(expert=name) for name in models}
+        self._latency: dict[str, Any] = {}
         self._latencies: deque[tuple[str, float]] = deque()
-        self._expired = {name: metrics.requests_expired.labels(model=name) for name in models}
-        self._last_done = dict.fromkeys(models, time.monotonic())
+        self._expired: dict[str, Any] = {}
+        self._last_done: dict[str, float] = {}
+        for name in models:
+            self.register(name)
+
+    def register(self, name: str) -> None:
+        """Prepare the per-model metric children of ``name`` (a model loaded while serving)."""
+        if name not in self._latency:
+            self._latency[name] = self.metrics.expert_latency.labels(expert=name)
+            self._expired[name] = self.metrics.requests_expired.labels(model=name)
+        self._last_done[name] = time.monotonic()
+
+    @property
+    def queues(self) -> dict[str, ModelQueue]:
+        """The queue of the version serving each model now."""
+        return {name: m.queue for name, m in list(self.models.items())}
+
+    def served(self) -> list[ServedModel]:
+        """Every served version of every model (a snapshot)."""
+        return [m for group in list(self.versions.values()) for m in list(group.values())]
 
     # -------------------------------------------------------------- lookup
 
-    def model(self, name: str) -> ServedModel:
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The version ``version`` of ``name`` (empty: the one serving requests naming none);
+        :class:`NotFound` for an unknown model or a version not served."""
         model = self.models.get(name)
         if model is None:
+            if name in self.unloaded:
+                raise NotFound(
+                    f"model {quote(name)} is unloaded; load it again to serve it", reason="unloaded"
+                )
             raise NotFound(f"model {quote(name)} not found; this node serves {sorted(self.models)}")
-        return model
+        if not version or version == model.version_str:
+            return model
+        served = self.versions.get(name, {})
+        found = served.get(int(version)) if version.isdigit() and len(version) < 10 else None
+        if found is None:
+            raise NotFound(
+                f"model {name!r} version {quote(version, 16)} not found; served versions: "
+                f"{sorted(served) or 'none'}",
+                reason="unknown_version",
+            )
+        return found
 
-    def ready_model(self, name: str) -> ServedModel:
-        model = self.model(name)
+    def ready_model(self, name: str, version: str = "") -> ServedModel:
+        model = self.model(name, version)
         if model.state != "ready":
             detail = f": {model.error}" if model.error else ""
             raise Unavailable(f"model {name!r} is {model.state}{detail}", reason=f"model_{model.state}")
@@ -103,7 +154,7 @@ class DataPlane:
         batcher = model.batcher
         if batcher is not None:
             return QueueState(batcher.queued(), batcher.expected_wait_s(), batcher.batch_s)
-        return self.queues[model.name].state()
+        return model.queue.state()
 
     # -------------------------------------------------------------- the request path
 
@@ -150,7 +201,7 @@ class DataPlane:
         alive: Callable[[], bool] | None,
     ) -> tuple[dict[str, np.ndarray], Stages]:
         # One clock (monotonic) for the queue, the cost meter and the stages: four reads a request.
-        cost, queue, name, clock = self.cost, self.queues[model.name], model.name, time.monotonic
+        cost, queue, name, clock = self.cost, model.queue, model.name, time.monotonic
         slot = queue.enter(deadline, alive=alive)
         t0 = slot.started
         work = cost.begin(name, t0)
@@ -217,14 +268,14 @@ class DataPlane:
 
     # -------------------------------------------------------------- liveness
 
-    def stalled(self, limit_s: float) -> list[str]:
-        """Models whose engine has held one request longer than ``limit_s`` (hung)."""
+    def stalled(self, limit_s: float) -> list[ServedModel]:
+        """Served versions whose engine has held one request longer than ``limit_s`` (hung)."""
         hung = []
-        for name, model in self.models.items():
+        for model in self.served():
             batcher = model.batcher
-            running = batcher.running_s() if batcher is not None else self.queues[name].oldest_running_s()
+            running = batcher.running_s() if batcher is not None else model.queue.oldest_running_s()
             if running > limit_s:
-                hung.append(name)
+                hung.append(model)
         return hung
 
     def idle_models(self, quiet_s: float) -> list[ServedModel]:
@@ -232,9 +283,9 @@ class DataPlane:
         now = time.monotonic()
         return [
             m
-            for name, m in self.models.items()
+            for name, m in list(self.models.items())
             if m.ready
-            and now - self._last_done[name] >= quiet_s
+            and now - self._last_done.get(name, now) >= quiet_s
             and self.queue_state(m).depth == 0
             and (m.batcher is None or m.batcher.running_s() == 0.0)
         ]
@@ -248,7 +299,7 @@ class DataPlane:
             self.probe(model, timeout_s)
             times.append(time.monotonic() - t0)
         if model.batcher is None and len(times) > 1:
-            self.queues[model.name].set_service(float(np.median(times[1:])))
+            model.queue.set_service(float(np.median(times[1:])))
 
     def probe(self, model: ServedModel, timeout_s: float) -> None:
         """Run the model once through its queue (liveness, and the service time Describe reports
@@ -259,7 +310,7 @@ class DataPlane:
         if model.batcher is not None:
             model.batcher.submit(model.zero_inputs(), timeout_s)
         else:
-            queue = self.queues[model.name]
+            queue = model.queue
             slot = queue.enter(deadline)
             work = self.cost.begin(model.name)
             try:

@@ -1,7 +1,10 @@
 """The model repository: one folder per model, like a Triton model repository.
 
 A folder holding only ``model.onnx`` is served as is (ONNX Runtime, inputs and outputs read
-from the graph). An optional ``model.yaml`` adds::
+from the graph) as version 1; numbered sub-folders (``yolo-n/1/model.onnx``,
+``yolo-n/2/model.onnx``) are versions, served by ``version_policy``
+(:mod:`moesaic.nodes.versions`). An optional ``model.yaml`` (beside the version folders; a
+version folder may hold one too, whose keys override the shared one) adds::
 
     name: ppn-seg            # default: the folder name
     task: bev_segmentation   # what the coordinator selects it for
@@ -12,6 +15,9 @@ from the graph). An optional ``model.yaml`` adds::
     instances: 1             # requests that run at once; the rest queue, earliest deadline first
     dynamic_batching: {max_batch_size: 8, max_queue_delay_us: 2000}  # merge concurrent requests
     class_names: [road, car, person]
+    version_policy: {latest: 1}   # or {specific: [1, 3]} or {all: true}
+    synthetic: false         # true: trained on generated data only (said in Describe, detect)
+    input_format: ""         # what the model takes; default: from the processor or the tensors
 
 Unknown keys fail, and every error names the file and the field.
 """
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +39,23 @@ from moesaic.config import read_yaml_mapping
 from moesaic.errors import InvalidInput, Unavailable
 from moesaic.nodes.batching import DynamicBatcher, DynamicBatchingConfig, check_batchable, zero_inputs
 from moesaic.nodes.config import format_validation_error
+from moesaic.nodes.scheduling import ModelQueue
+from moesaic.nodes.versions import VersionPolicy, find_versions
 from moesaic.runtime.cost import CostMeter
 from moesaic.runtime.devices import DeviceInfo
 from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine, parse_engine_config
 from moesaic.runtime.processing import Processor, create_processor
 
-__all__ = ["FallbackRefused", "ModelSpec", "ServedModel", "load_model_spec", "scan_models"]
+__all__ = [
+    "FallbackRefused",
+    "ModelEntry",
+    "ModelSpec",
+    "ServedModel",
+    "load_model_spec",
+    "read_model_entry",
+    "scan_models",
+    "scan_repository",
+]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +93,19 @@ class ModelSpec(BaseModel):
         "dimension 0); the engine must batch along its first dimension.",
     )
     class_names: list[str] = Field(default_factory=list, description="Class names, index = class id.")
+    version_policy: VersionPolicy = Field(
+        default_factory=lambda: VersionPolicy.model_validate({}),
+        description="Which numbered version folders are served: {latest: N} (default 1), "
+        "{specific: [..]} or {all: true}.",
+    )
+    synthetic: bool = Field(
+        False,
+        description="Trained on generated (synthetic) data only: expect poor accuracy on real "
+        "sensor data. Reported in Node/Describe, ModelConfig and by `moesaic detect`.",
+    )
+    input_format: str = Field(
+        "", description="What the model takes, in words; default: from the processor or the tensors."
+    )
 
     @field_validator("name")
     @classmethod
@@ -108,53 +140,154 @@ def _fallback_reason(engine: str, device: DeviceInfo, details: Mapping[str, str]
     )
 
 
-def load_model_spec(folder: Path) -> tuple[ModelSpec, EngineConfig]:
-    """Spec and validated engine config of one model folder; ``ValueError`` naming file and field."""
+VERSION_ONLY_FORBIDDEN = ("name", "version_policy")
+"""Keys a version folder's model.yaml may not set (they belong to the model)."""
+
+
+def load_model_spec(
+    folder: Path,
+    *,
+    version_folder: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[ModelSpec, EngineConfig]:
+    """Spec and validated engine config of one model folder; ``ValueError`` naming file and field.
+
+    ``version_folder``'s own ``model.yaml`` (if any) overrides keys of the shared one;
+    ``overrides`` (a load request's config) go on top of both.
+    """
     path = folder / MODEL_FILE
     raw: dict[str, Any] = {}
     if path.is_file():
         raw = read_yaml_mapping(path)
-    elif not (folder / ONNX_FILE).is_file():
-        raise ValueError(f"{folder}: neither {MODEL_FILE} nor {ONNX_FILE} found")
+    elif not (folder / ONNX_FILE).is_file() and not find_versions(folder):
+        raise ValueError(f"{folder}: neither {MODEL_FILE}, {ONNX_FILE} nor version folders found")
+    source = str(path)
+    if version_folder is not None and version_folder != folder and (version_folder / MODEL_FILE).is_file():
+        extra = read_yaml_mapping(version_folder / MODEL_FILE)
+        for key in VERSION_ONLY_FORBIDDEN:
+            if key in extra:
+                raise ValueError(
+                    f"{version_folder / MODEL_FILE}: {key}: belongs in {path}, not in a version folder"
+                )
+        raw = {**raw, **extra}
+        source = f"{path} + {version_folder / MODEL_FILE}"
+    if overrides:
+        raw = {**raw, **overrides}
+        source = f"{source} + load config"
     raw.setdefault("name", folder.name)
     try:
         spec = ModelSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ValueError(format_validation_error(exc, str(path))) from None
+        raise ValueError(format_validation_error(exc, source)) from None
     try:
         engine = parse_engine_config(spec.engine)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+        raise ValueError(f"{source}: {exc}") from None
     return spec, engine
 
 
-def scan_models(root: Path) -> list[ServedModel]:
-    """Every model folder under ``root`` (sorted by name), not yet loaded."""
+@dataclass
+class ModelEntry:
+    """One model folder of the repository: its shared spec and the versions on disk."""
+
+    name: str
+    folder: Path
+    spec: ModelSpec
+    versions: dict[int, Path]
+    overrides: Mapping[str, Any] | None = None
+
+    def served_versions(self) -> list[int]:
+        """The versions ``version_policy`` serves, ascending (empty: none present)."""
+        return self.spec.version_policy.select(list(self.versions))
+
+    def build(self, version: int) -> ServedModel:
+        """The (not yet loaded) :class:`ServedModel` of one version; ``ValueError`` when its
+        folder's model.yaml is wrong."""
+        folder = self.versions[version]
+        spec, engine = load_model_spec(self.folder, version_folder=folder, overrides=self.overrides)
+        return ServedModel(folder, spec, engine, version=version, model_folder=self.folder)
+
+
+def read_model_entry(folder: Path, overrides: Mapping[str, Any] | None = None) -> ModelEntry | None:
+    """The model of ``folder``, or None when it holds no model files; ``ValueError`` when wrong."""
+    versions = find_versions(folder)
+    if not versions:
+        return None
+    if versions.get(1) != folder and (folder / ONNX_FILE).is_file():
+        log.warning(
+            "%s: holds %s and version folders %s; the version folders are served",
+            folder,
+            ONNX_FILE,
+            sorted(versions),
+        )
+    spec, _ = load_model_spec(folder, overrides=overrides)
+    return ModelEntry(spec.name, folder, spec, versions, overrides)
+
+
+def scan_repository(root: Path) -> dict[str, ModelEntry]:
+    """Every model folder under ``root`` by model name (sorted by folder name).
+
+    A sub-folder with no model files and no version folders is skipped with a warning.
+    """
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"models: {root} is not a directory")
-    models: dict[str, ServedModel] = {}
+    entries: dict[str, ModelEntry] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not (folder / MODEL_FILE).is_file() and not (folder / ONNX_FILE).is_file():
-            log.debug("skipping %s: no %s or %s", folder, MODEL_FILE, ONNX_FILE)
-            continue
-        spec, engine = load_model_spec(folder)
-        if spec.name in models:
-            raise ValueError(
-                f"{folder / MODEL_FILE}: name: {spec.name!r} is also used by {models[spec.name].folder}"
+        entry = read_model_entry(folder)
+        if entry is None:
+            log.warning(
+                "skipping %s: no %s, no %s and no numbered version folders (1/, 2/, ...)",
+                folder,
+                MODEL_FILE,
+                ONNX_FILE,
             )
-        models[spec.name] = ServedModel(folder, spec, engine)
-    return list(models.values())
+            continue
+        if entry.name in entries:
+            raise ValueError(
+                f"{folder / MODEL_FILE}: name: {entry.name!r} is also used by {entries[entry.name].folder}"
+            )
+        entries[entry.name] = entry
+    return entries
+
+
+def scan_models(root: Path) -> list[ServedModel]:
+    """Every served version of every model folder under ``root`` (sorted by name), not loaded."""
+    return [
+        entry.build(version)
+        for entry in scan_repository(root).values()
+        for version in entry.served_versions()
+    ]
 
 
 class ServedModel:
-    """One model folder on this node: its engine, optional processor and advertised tensors."""
+    """One version of a model on this node: its engine, optional processor, advertised tensors,
+    queue, and the requests holding it (:meth:`acquire`), so an old version retired by a swap
+    finishes its in-flight requests before it closes.
 
-    def __init__(self, folder: Path, spec: ModelSpec, engine_config: EngineConfig) -> None:
+    States: ``loading``, ``ready``, ``failed``, ``hung``, ``unloading`` (retired, in-flight
+    requests finishing) and ``unloaded``.
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        spec: ModelSpec,
+        engine_config: EngineConfig,
+        *,
+        version: int = 1,
+        model_folder: Path | None = None,
+    ) -> None:
         self.folder = folder
+        """Where the version's files are (the engine's and processor's folder)."""
+        self.model_folder = model_folder or folder
         self.spec = spec
         self.name = spec.name
+        self.version = version
+        self.version_str = str(version)
         self.engine_config = engine_config
+        self.queue = ModelQueue(spec.name, slots=spec.instances)
+        self.loaded_at = 0.0
         self.state = "loading"
         self.error = ""
         self.engine: Engine | None = None
@@ -167,7 +300,11 @@ class ServedModel:
         self.provider = ""
         self.class_names: list[str] = list(spec.class_names)
         self.batcher: DynamicBatcher | None = None
+        self.input_format = spec.input_format
         self._lock = threading.Lock()
+        self._users = 0
+        self._retiring = False
+        self._idle = threading.Condition(threading.Lock())
 
     @property
     def ready(self) -> bool:
@@ -176,6 +313,44 @@ class ServedModel:
     @property
     def engine_type(self) -> str:
         return self.engine_config.type
+
+    @property
+    def spec_path(self) -> Path:
+        return self.model_folder / MODEL_FILE
+
+    # -------------------------------------------------------------- requests holding it
+
+    def acquire(self) -> bool:
+        """Count one request on this version; False once it is retired (look it up again)."""
+        with self._idle:
+            if self._retiring:
+                return False
+            self._users += 1
+            return True
+
+    def release(self) -> None:
+        with self._idle:
+            self._users -= 1
+            if self._users <= 0:
+                self._idle.notify_all()
+
+    @property
+    def users(self) -> int:
+        """Requests holding this version now."""
+        return self._users
+
+    def retire(self, timeout: float | None) -> bool:
+        """Take no new requests, wait for those holding it (``timeout`` seconds at most), then
+        close. True when every request finished before the engine closed."""
+        with self._idle:
+            self._retiring = True
+            if self.state in ("ready", "hung"):
+                self.state = "unloading"
+            self.drain()
+            finished = self._idle.wait_for(lambda: self._users <= 0, timeout)
+        self.close()
+        self.state = "unloaded"
+        return finished
 
     def _config_for(self, device: DeviceInfo) -> EngineConfig:
         config = self.engine_config
@@ -213,7 +388,7 @@ class ServedModel:
                     raise FallbackRefused(_fallback_reason(self.engine_type, device, described.details))
                 batching = self.spec.dynamic_batching
                 if batching is not None:
-                    check_batchable(described, engine.infer, f"{self.folder / MODEL_FILE}: dynamic_batching")
+                    check_batchable(described, engine.infer, f"{self.spec_path}: dynamic_batching")
                 processor = (
                     create_processor(self.spec.processor, self.folder) if self.spec.processor else None
                 )
@@ -221,6 +396,8 @@ class ServedModel:
                 self.outputs = processor.outputs(described.outputs) if processor else described.outputs
                 if processor and processor.class_names():
                     self.class_names = processor.class_names()
+                if not self.input_format:
+                    self.input_format = _input_format(processor, self.inputs)
                 self.device = described.device
                 self.provider = described.details.get("provider", described.backend)
                 self.input_specs = {s.name: s for s in self.inputs}
@@ -231,11 +408,18 @@ class ServedModel:
                     )
                 self.engine, self.processor = engine, processor
                 self.state, self.error = "ready", ""
+                self.loaded_at = time.time()
             except Exception as exc:
                 if engine is not None:
                     engine.close()
                 self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-                log.error("model %s (%s) failed to load: %s", self.name, self.folder, self.error)
+                log.error(
+                    "model %s version %d (%s) failed to load: %s",
+                    self.name,
+                    self.version,
+                    self.folder,
+                    self.error,
+                )
 
     def preprocess(
         self, inputs: Mapping[str, np.ndarray], parameters: Mapping[str, Any]
@@ -305,3 +489,13 @@ class ServedModel:
             self.engine = None
             if self.state == "ready":
                 self.state = "loading"
+
+
+def _input_format(processor: Processor | None, inputs: tuple[TensorSpec, ...]) -> str:
+    """The processor's words for its input, else the tensors: ``x: FP32 [-1, 4]``."""
+    described = getattr(processor, "input_format", None)
+    if callable(described):
+        text = described()
+        if isinstance(text, str) and text:
+            return text
+    return "; ".join(f"{s.name}: {s.datatype} {list(s.shape)}" for s in inputs)

@@ -14,6 +14,11 @@ NOT_SERVING, and probes models idle for ``probe_interval_s``) and, on
 SIGTERM or SIGINT, sets health NOT_SERVING first, lets in-flight requests finish
 (``grace_seconds``) and exits. Models with ``dynamic_batching`` send their queued requests at
 once when the drain starts.
+
+Models come and go while the node serves (:mod:`moesaic.nodes.lifecycle`): the KServe
+repository extension (``RepositoryModelLoad`` / ``Unload``) and, with ``watch: true``, a thread
+polling the repository every ``watch_interval_s`` load new versions beside the old ones and
+swap them in without a failed request.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from grpc_health.v1 import health_pb2
 from moesaic.metrics import Metrics
 from moesaic.nodes.config import NodeConfig
 from moesaic.nodes.dataplane import DataPlane
-from moesaic.nodes.repository import ServedModel, scan_models
+from moesaic.nodes.lifecycle import ModelLifecycle
+from moesaic.nodes.repository import ServedModel
 from moesaic.nodes.servicer import INFERENCE_SERVICE, NODE_SERVICE, InferenceServicer, NodeServicer
 from moesaic.proto import moesaic_pb2_grpc
 from moesaic.rpc import add_health_and_reflection, add_port, create_server
@@ -49,24 +55,23 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class NodeServer:
-    """A node serving every model of ``config.models`` (or the ``models`` given)."""
+    """A node serving the model repository ``config.models``.
+
+    ``ValueError`` (naming the file and field) when the repository or a model.yaml is wrong.
+    """
 
     def __init__(
         self,
         config: NodeConfig,
-        models: list[ServedModel] | None = None,
         *,
         device: DeviceInfo | None = None,
         meter: EnergyMeter | None = None,
     ) -> None:
         self.config = config
-        if models is None:
-            if config.models is None:
-                raise ValueError(
-                    "models: no model repository given (--models DIR or `models:` in the config)"
-                )
-            models = scan_models(config.models)
-        self.models: dict[str, ServedModel] = {m.name: m for m in models}
+        if config.models is None:
+            raise ValueError("models: no model repository given (--models DIR or `models:` in the config)")
+        self.models: dict[str, ServedModel] = {}
+        """Each model name -> the version serving requests that name none."""
         self.device = device or discover_device(config.device)
         self.metrics = Metrics(component="node")
         self.cost = CostMeter(
@@ -80,6 +85,16 @@ class NodeServer:
         self._energy_reported: dict[str, float] = {}
         self.profiles: list[ProfileRecord] = load_profile_file(config.profile) if config.profile else []
         self.plane = DataPlane(self.models, self.cost, self.metrics)
+        self.lifecycle = ModelLifecycle(
+            config.models,
+            self.plane,
+            load=self._load_one,
+            warm=self._warm,
+            metrics=self.metrics,
+            set_health=self._set_model_health,
+            drain_timeout_s=max(config.hang_timeout_s, config.grace_seconds),
+        )
+        self.lifecycle.scan()
         self.port = 0
         self._loaded = threading.Event()
         self._stopping = False
@@ -106,7 +121,9 @@ class NodeServer:
         """Bind and start serving (health NOT_SERVING); load models on a thread. Returns the port."""
         cfg = self.config
         server = create_server(max_message_bytes=cfg.max_message_bytes, max_workers=cfg.max_workers)
-        inference = InferenceServicer(self.plane, self.metrics, is_ready=self.is_ready)
+        inference = InferenceServicer(
+            self.plane, self.metrics, is_ready=self.is_ready, lifecycle=self.lifecycle
+        )
         server.add_generic_rpc_handlers((inference.handler(),))
         moesaic_pb2_grpc.add_NodeServicer_to_server(
             NodeServicer(cfg.node_id, self.device, self.plane, self.profiles), server
@@ -127,28 +144,18 @@ class NodeServer:
         if load:
             threading.Thread(target=self.load_models, name="model-loader", daemon=True).start()
         threading.Thread(target=self._monitor, name="engine-monitor", daemon=True).start()
+        if cfg.watch:
+            threading.Thread(
+                target=self._watch, args=(cfg.watch_interval_s,), name="repository-watch", daemon=True
+            ).start()
         return self.port
 
     def load_models(self) -> None:
-        """Load every model, each on its own thread (a TensorRT plan build takes minutes and
-        must not hold the others back); a model goes SERVING as soon as it is ready, the
-        server once all have finished loading."""
-        threads = [
-            threading.Thread(target=self._load_one, args=(model,), name=f"load-{model.name}", daemon=True)
-            for model in self.models.values()
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        """Load every model version, each on its own thread, and warm it up; a model goes
+        SERVING as soon as it is ready, the server once all have finished loading."""
+        self.lifecycle.load_initial(stopping=lambda: self._stopping)
         if self._stopping:
             return
-        for model in self.models.values():
-            if model.ready and model.batcher is None:  # Describe has a service time from the start
-                try:
-                    self.plane.calibrate(model, self.config.hang_timeout_s)
-                except Exception as exc:  # a probe may be refused: the first requests teach it then
-                    log.debug("calibration of %s: %s", model.name, exc)
         for name in ("", INFERENCE_SERVICE, NODE_SERVICE):
             self._health.set(name, SERVING)
         self.cost.relearn_idle()  # loading worked the device while no request ran
@@ -156,6 +163,7 @@ class NodeServer:
 
     def _load_one(self, model: ServedModel) -> None:
         if self._stopping:
+            model.state, model.error = "failed", "the node is stopping"
             return
         model.load(
             self.device,
@@ -164,17 +172,32 @@ class NodeServer:
             allow_cpu_fallback=self.config.allow_cpu_fallback,
         )
         if model.ready:
-            self._health.set(model.name, SERVING)
-            self.metrics.model_info.labels(
-                model=model.name,
-                version="1",
-                engine=model.engine_type,
-                device=model.device,
-                provider=model.provider,
-            ).set(1)
             log.info(
-                "model %s ready on %s (%s, %s)", model.name, model.device, model.engine_type, model.provider
+                "model %s version %d ready on %s (%s, %s)",
+                model.name,
+                model.version,
+                model.device,
+                model.engine_type,
+                model.provider,
             )
+
+    def _warm(self, model: ServedModel) -> None:
+        """One pass through the whole request path of an unbatched model, which also calibrates
+        the service time Describe reports from the start. (The engine warmed up in load; a
+        batched model's engine was also run by its batchability check, and a probe through its
+        batcher would wait out the batching delay.)"""
+        self.plane.register(model.name)
+        if model.batcher is None:
+            self.plane.calibrate(model, self.config.hang_timeout_s)
+
+    def _set_model_health(self, name: str, serving: bool) -> None:
+        if self._health is not None:
+            self._health.set(name, SERVING if serving else NOT_SERVING)
+
+    def _watch(self, interval_s: float) -> None:
+        self._loaded.wait()
+        log.info("watching %s for new model versions every %g s", self.config.models, interval_s)
+        self.lifecycle.watch(interval_s, self._monitor_stop)
 
     def _batch_observer(self, name: str) -> Callable[[int, int], None]:
         rows = self.metrics.batch_rows.labels(expert=name)
@@ -205,7 +228,7 @@ class NodeServer:
 
     def healthy(self) -> bool:
         """False once any model is hung: the systemd watchdog is then no longer fed."""
-        return not any(m.state == "hung" for m in self.models.values())
+        return not any(m.state == "hung" for m in self.plane.served())
 
     def _monitor(self) -> None:
         """Watch engines: a call past ``hang_timeout_s`` marks its model hung (NOT_SERVING);
@@ -214,14 +237,14 @@ class NodeServer:
         check_s = min(1.0, cfg.hang_timeout_s / 4)
         while not self._monitor_stop.wait(check_s):
             self.plane.flush_metrics()  # also when the cost meter holds its intervals
-            for name in self.plane.stalled(cfg.hang_timeout_s):
-                model = self.models[name]
+            for model in self.plane.stalled(cfg.hang_timeout_s):
                 if model.state != "ready":
                     continue
                 model.state = "hung"
                 model.error = f"an engine call has run for more than {cfg.hang_timeout_s:g} s"
-                self._health.set(name, NOT_SERVING)
-                log.error("model %s is hung (%s); the watchdog is no longer fed", name, model.error)
+                if self.models.get(model.name) is model:
+                    self._health.set(model.name, NOT_SERVING)
+                log.error("model %s is hung (%s); the watchdog is no longer fed", model.name, model.error)
             if self._loaded.is_set():
                 for model in self.plane.idle_models(cfg.probe_interval_s):
                     if model.name not in self._probing:
@@ -249,12 +272,13 @@ class NodeServer:
         self._stopping = True
         self._monitor_stop.set()
         self._health.enter_graceful_shutdown()
-        for model in self.models.values():
+        for model in self.plane.served():
             model.drain()  # queued requests go at once instead of waiting for company
         grace = self.config.grace_seconds if grace is None else grace
         self._server.stop(grace).wait()
         self._server = None
-        for model in self.models.values():
+        self.lifecycle.wait_retired(grace)
+        for model in self.plane.served():
             model.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
@@ -286,7 +310,7 @@ class NodeServer:
             load: asyncio.Future[Any] = loop.run_in_executor(None, self.load_models)
             stopped: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
             await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
-            refused = [m for m in self.models.values() if m.error.startswith("FallbackRefused")]
+            refused = [m for m in self.plane.served() if m.error.startswith("FallbackRefused")]
             if refused and not stop.is_set():
                 for model in refused:
                     log.error("model %s %s", model.name, model.error.removeprefix("FallbackRefused: "))
@@ -294,10 +318,16 @@ class NodeServer:
                 await loop.run_in_executor(None, self.stop)
                 return 2
             if not stop.is_set():
-                failed = [m.name for m in self.models.values() if m.state == "failed"]
-                status = f"serving {len(self.models) - len(failed)} model(s) on {self.address}"
+                failed = sorted({m.name for m in self.models.values() if not m.ready})
+                serving = len(self.models) - len(failed)
+                status = f"serving {serving} model(s) on {self.address}"
                 notify_ready(status + (f"; failed: {', '.join(failed)}" if failed else ""))
-                log.info("%s", status)
+                if failed:
+                    log.warning("%s; failed: %s", status, ", ".join(failed))
+                elif serving == 0:
+                    log.warning("%s: the repository %s has no model to serve", status, self.config.models)
+                else:
+                    log.info("%s", status)
                 await stop.wait()
             notify_stopping()
             log.info(

@@ -7,11 +7,21 @@ transport-free :class:`~moesaic.nodes.dataplane.DataPlane` with the call's deadl
 deadline or the ``deadline_ms`` parameter, whichever is earlier) and writes the reply the same
 way. Every reply carries parameters ``compute_ms`` (pre + engine + post), ``queue_ms``,
 ``energy_mj`` (attributed dynamic energy), ``energy_source`` (``nvml``, ``jetson-ina3221``,
-``rapl`` or ``estimate``, with ``+attributed``), ``queue_depth`` and ``expected_wait_ms``.
+``rapl`` or ``estimate``, with ``+attributed``), ``queue_depth`` and ``expected_wait_ms``,
+and ``model_version`` names the version that answered.
+
+Versions: a request naming no version goes to the highest version served; one naming a
+version not served gets NOT_FOUND. The repository extension (``RepositoryIndex``,
+``RepositoryModelLoad`` with an optional ``config`` JSON, ``RepositoryModelUnload``) and
+``ModelConfig`` (Triton's fields, plus task, class names, input format and more as
+``parameters``) drive :class:`~moesaic.nodes.lifecycle.ModelLifecycle`, so tritonclient's
+``get_model_repository_index``, ``load_model``, ``unload_model`` and ``get_model_config``
+work unchanged.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,11 +30,13 @@ from typing import Any
 import grpc
 
 from moesaic import __version__
+from moesaic.errors import InvalidInput, NotFound, Unavailable
 from moesaic.metrics import Metrics
 from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_response
 from moesaic.nodes.dataplane import DataPlane
+from moesaic.nodes.lifecycle import ModelLifecycle
 from moesaic.nodes.repository import ServedModel
-from moesaic.nodes.validation import RequestValidator
+from moesaic.nodes.validation import Decoded, RequestValidator
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort, status_of
 from moesaic.runtime.devices import DeviceInfo
@@ -37,15 +49,27 @@ log = logging.getLogger(__name__)
 INFERENCE_SERVICE = "inference.GRPCInferenceService"
 NODE_SERVICE = "moesaic.v1.Node"
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "tensorrt": "tensorrt_plan", "torch": "pytorch_libtorch"}
+_BACKENDS = {"onnxruntime": "onnxruntime", "tensorrt": "tensorrt", "torch": "pytorch"}
+_EXTENSIONS = ["model_repository", "model_configuration"]
+_RESOLVE_TRIES = 3
+"""Times a request looks its model up again when the version it found was just retired."""
 
 
 class InferenceServicer:
     """KServe v2 ``GRPCInferenceService`` over the node's :class:`DataPlane`."""
 
-    def __init__(self, plane: DataPlane, metrics: Metrics, *, is_ready: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        metrics: Metrics,
+        *,
+        is_ready: Callable[[], bool],
+        lifecycle: ModelLifecycle | None = None,
+    ) -> None:
         self.plane = plane
         self.metrics = metrics
         self.is_ready = is_ready
+        self.lifecycle = lifecycle
         self.validator = RequestValidator(plane.ready_model)
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
 
@@ -69,6 +93,10 @@ class InferenceServicer:
                 "ServerMetadata": typed(self.server_metadata, pb.ServerMetadataRequest),
                 "ModelMetadata": typed(self.model_metadata, pb.ModelMetadataRequest),
                 "ModelInfer": unary(self.model_infer),  # bytes in, bytes out
+                "ModelConfig": typed(self.model_config, pb.ModelConfigRequest),
+                "RepositoryIndex": typed(self.repository_index, pb.RepositoryIndexRequest),
+                "RepositoryModelLoad": typed(self.repository_load, pb.RepositoryModelLoadRequest),
+                "RepositoryModelUnload": typed(self.repository_unload, pb.RepositoryModelUnloadRequest),
             },
         )
 
@@ -81,21 +109,35 @@ class InferenceServicer:
         return inference_pb2.ServerReadyResponse(ready=self.is_ready())
 
     def model_ready(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """True when that version (default: the one serving requests naming none) is ready; an
+        unknown version of a served model is not ready; an unknown model is NOT_FOUND."""
         try:
-            return inference_pb2.ModelReadyResponse(ready=self.plane.model(request.name).ready)
+            model = self.plane.model(request.name, request.version)
+        except NotFound as exc:
+            known = self.lifecycle is not None and request.name in self.lifecycle.entries
+            if known or request.name in self.plane.models:
+                return inference_pb2.ModelReadyResponse(ready=False)
+            abort(context, exc)
         except Exception as exc:
             abort(context, exc)
+        return inference_pb2.ModelReadyResponse(ready=model.ready)
 
     def server_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return inference_pb2.ServerMetadataResponse(name="moesaic", version=__version__, extensions=[])
+        extensions = _EXTENSIONS if self.lifecycle is not None else []
+        return inference_pb2.ServerMetadataResponse(
+            name="moesaic", version=__version__, extensions=extensions
+        )
 
     def model_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         try:
-            model = self.plane.ready_model(request.name)
+            model = self.plane.ready_model(request.name, request.version)
         except Exception as exc:
             abort(context, exc)
+        served = sorted(self.plane.versions.get(model.name, {model.version: model}))
         meta = inference_pb2.ModelMetadataResponse(
-            name=model.name, versions=["1"], platform=_PLATFORMS.get(model.engine_type, model.engine_type)
+            name=model.name,
+            versions=[str(v) for v in served],
+            platform=_PLATFORMS.get(model.engine_type, model.engine_type),
         )
         for spec in model.inputs:
             meta.inputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
@@ -103,20 +145,78 @@ class InferenceServicer:
             meta.outputs.add(name=spec.name, datatype=spec.datatype, shape=spec.shape)
         return meta
 
+    def model_config(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            model = self.plane.ready_model(request.name, request.version)
+        except Exception as exc:
+            abort(context, exc)
+        served = sorted(self.plane.versions.get(model.name, {model.version: model}))
+        return inference_pb2.ModelConfigResponse(config=model_config_of(model, served))
+
+    # -------------------------------------------------------------- repository extension
+
+    def _lifecycle(self) -> ModelLifecycle:
+        if self.lifecycle is None:
+            raise Unavailable("this server has no model repository to manage", reason="no_repository")
+        return self.lifecycle
+
+    def repository_index(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            _check_repository(request.repository_name)
+            rows = self._lifecycle().index(ready_only=request.ready)
+        except Exception as exc:
+            abort(context, exc)
+        reply = inference_pb2.RepositoryIndexResponse()
+        for row in rows:
+            reply.models.add(name=row.name, version=row.version, state=row.state, reason=row.reason)
+        return reply
+
+    def repository_load(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            _check_repository(request.repository_name)
+            config = _load_config(request.parameters)
+            self._lifecycle().load(request.model_name, config)
+        except Exception as exc:
+            self.metrics.requests.labels(method="RepositoryModelLoad", code=status_of(exc)[0].name).inc()
+            abort(context, exc)
+        self.metrics.requests.labels(method="RepositoryModelLoad", code="OK").inc()
+        return inference_pb2.RepositoryModelLoadResponse()
+
+    def repository_unload(self, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            _check_repository(request.repository_name)
+            self._lifecycle().unload(request.model_name)
+        except Exception as exc:
+            abort(context, exc)
+        return inference_pb2.RepositoryModelUnloadResponse()
+
     # -------------------------------------------------------------- data plane
+
+    def _decode_held(self, data: bytes) -> Decoded:
+        """Decode and validate ``data``, holding the model version it resolves (release it);
+        a version retired by a swap in between is resolved again."""
+        for _ in range(_RESOLVE_TRIES):
+            request = self.validator.decode(data, RAW_INPUT_FIELD)
+            if request.model.acquire():
+                return request
+        raise Unavailable(f"model {request.model.name!r} is being swapped; retry", reason="swapping")
 
     def model_infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            request = self.validator.decode(data, RAW_INPUT_FIELD)
-            deadline = _deadline(context.time_remaining(), request.deadline_ms)
-            reply = self.plane.infer(
-                request.model,
-                request.inputs,
-                request.parameters,
-                requested=request.requested,
-                deadline=deadline,
-                alive=context.is_active,
-            )
+            request = self._decode_held(data)
+            model = request.model
+            try:
+                deadline = _deadline(context.time_remaining(), request.deadline_ms)
+                reply = self.plane.infer(
+                    model,
+                    request.inputs,
+                    request.parameters,
+                    requested=request.requested,
+                    deadline=deadline,
+                    alive=context.is_active,
+                )
+            finally:
+                model.release()
             stages = reply.stages
             data_out = encode_response(
                 request.model.name,
@@ -130,7 +230,7 @@ class InferenceServicer:
                     "expected_wait_ms": reply.queue.expected_wait_s * 1e3,
                 },
                 request_id=request.request_id,
-                model_version=request.model_version,
+                model_version=model.version_str,
             )
         except Exception as exc:
             code, _ = status_of(exc)
@@ -182,7 +282,8 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
                 idle_watts=0.0 if idle != idle else idle,  # NaN: not learnt yet
             ),
         )
-        for model in self.models.values():
+        for model in list(self.models.values()):
+            served = sorted(self.plane.versions.get(model.name, {}))
             desc = reply.models.add(
                 name=model.name,
                 task=model.spec.task,
@@ -193,6 +294,11 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
                 error=model.error,
                 device=model.device,
                 provider=model.provider,
+                version=model.version_str,
+                versions=[str(v) for v in served],
+                input_format=model.input_format,
+                synthetic=model.spec.synthetic,
+                description=model.spec.description,
             )
             if model.ready:
                 queue = self.plane.queue_state(model)
@@ -214,3 +320,139 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
                     engine=rec.engine,
                 )
         return reply
+
+
+# ---------------------------------------------------------------- repository helpers
+
+
+def _check_repository(name: str) -> None:
+    if name:
+        raise NotFound(
+            f"repository {name!r}: this node has one repository; leave repository_name empty",
+            reason="unknown_repository",
+        )
+
+
+_TRITON_DROPPED = ("platform", "backend")
+"""Triton config keys a load config may carry that say nothing a moesaic node can change."""
+
+
+def _load_config(parameters: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The ``config`` parameter of a load request as model.yaml keys; Triton's forms of
+    ``instance_group`` and ``dynamic_batching`` are translated. :class:`InvalidInput` naming
+    what is wrong."""
+    unknown = sorted(k for k in parameters if k != "config")
+    if any(k.startswith("file:") for k in unknown):
+        raise InvalidInput(
+            "load: file overrides (file:...) are not supported; put the version folder in the "
+            "node's repository and load it by name",
+            reason="bad_config",
+        )
+    if unknown:
+        raise InvalidInput(
+            f"load: unknown parameters {unknown}; only 'config' is accepted", reason="bad_config"
+        )
+    if "config" not in parameters:
+        return None
+    text = parameters["config"].string_param
+    try:
+        config = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"load: config is not JSON: {exc}", reason="bad_config") from None
+    if not isinstance(config, dict):
+        raise InvalidInput("load: config must be a JSON object", reason="bad_config")
+    out = {k: v for k, v in config.items() if k not in _TRITON_DROPPED}
+    groups = out.pop("instance_group", None)
+    if groups is not None:
+        if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+            raise InvalidInput("load: config: instance_group must be a list of objects", reason="bad_config")
+        out["instances"] = sum(int(g.get("count", 1)) for g in groups) or 1
+    batching = out.get("dynamic_batching")
+    if isinstance(batching, dict) and (
+        "max_queue_delay_microseconds" in batching or "preferred_batch_size" in batching
+    ):
+        translated: dict[str, Any] = {"max_batch_size": out.get("max_batch_size") or 1}
+        if "max_queue_delay_microseconds" in batching:
+            translated["max_queue_delay_us"] = int(batching["max_queue_delay_microseconds"])
+        if batching.get("preferred_batch_size"):
+            translated["preferred_batch_sizes"] = list(batching["preferred_batch_size"])
+        out["dynamic_batching"] = translated
+    return out
+
+
+_DATA_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+    "BF16": "TYPE_BF16",
+}
+
+
+def model_config_of(model: ServedModel, served: Sequence[int]) -> Any:
+    """Triton's ``ModelConfig`` of one served version; moesaic's own facts go in ``parameters``."""
+    spec = model.spec
+    pb = inference_pb2
+    batch = spec.max_batch_size
+    config = pb.ModelConfig(
+        name=model.name,
+        platform=_PLATFORMS.get(model.engine_type, model.engine_type),
+        backend=_BACKENDS.get(model.engine_type, model.engine_type),
+        max_batch_size=batch,
+        default_model_filename=str(getattr(model.engine_config, "file", "") or ""),
+    )
+    policy = spec.version_policy
+    if policy.all:
+        config.version_policy.all.SetInParent()
+    elif policy.specific is not None:
+        config.version_policy.specific.versions.extend(policy.specific)
+    else:
+        config.version_policy.latest.num_versions = policy.latest or 1
+
+    def dims(shape: Sequence[int]) -> list[int]:
+        return list(shape[1:]) if batch and shape else list(shape)
+
+    for tensor in model.inputs:
+        config.input.add(
+            name=tensor.name,
+            data_type=_DATA_TYPES.get(tensor.datatype, "TYPE_INVALID"),
+            dims=dims(tensor.shape),
+        )
+    for tensor in model.outputs:
+        config.output.add(
+            name=tensor.name,
+            data_type=_DATA_TYPES.get(tensor.datatype, "TYPE_INVALID"),
+            dims=dims(tensor.shape),
+        )
+    kind = "KIND_CPU" if model.device in ("", "cpu") else "KIND_GPU"
+    group = config.instance_group.add(name=model.name, count=spec.instances, kind=kind)
+    if model.device.startswith("cuda:"):
+        group.gpus.append(int(model.device.split(":", 1)[1]))
+    if spec.dynamic_batching is not None:
+        db = spec.dynamic_batching
+        config.dynamic_batching.max_queue_delay_microseconds = db.max_queue_delay_us
+        config.dynamic_batching.preferred_batch_size.extend(db.preferred_batch_sizes)
+    facts = {
+        "task": spec.task,
+        "class_names": json.dumps(model.class_names),
+        "input_format": model.input_format,
+        "description": spec.description,
+        "synthetic": "true" if spec.synthetic else "false",
+        "version": model.version_str,
+        "versions": ",".join(str(v) for v in served),
+        "engine": model.engine_type,
+        "device": model.device,
+        "provider": model.provider,
+    }
+    for key, value in facts.items():
+        config.parameters[key].string_value = value
+    return config

@@ -1,6 +1,7 @@
 """Validation at the node's boundary: a ``ModelInferRequest`` becomes checked tensors or an error.
 
-Everything a client sends is checked here before any work: the model exists and is ready,
+Everything a client sends is checked here before any work: the model (and the version the
+request names, if any) exists and is ready,
 every input is one the model declares, with its datatype, a shape it accepts, bytes that match
 the shape, a batch within ``max_batch_size``; floating-point inputs of point clouds
 (``points``) hold finite values; requested outputs exist; ``deadline_ms`` is a positive
@@ -162,7 +163,7 @@ class Decoded:
 class RequestValidator:
     """Turns ``ModelInfer`` wire bytes into a :class:`Decoded` request, caching what it learnt."""
 
-    def __init__(self, ready_model: Callable[[str], ServedModel]) -> None:
+    def __init__(self, ready_model: Callable[[str, str], ServedModel]) -> None:
         self._ready_model = ready_model
         self._accepted: dict[str, tuple[Mapping[str, Any], Accepted]] = {}
         self._plans: dict[bytes, Plan] = {}
@@ -180,7 +181,7 @@ class RequestValidator:
                 header = inference_pb2.ModelInferRequest.FromString(header_bytes)
             except DecodeError as exc:
                 raise InvalidInput(f"malformed ModelInferRequest: {exc}", reason="malformed") from None
-            model = self._ready_model(header.model_name)
+            model = self._ready_model(header.model_name, header.model_version)
             inputs = validate_inputs(model, header, raws, self._accepted_for(model))
             self._remember(header_bytes, header, model, inputs, raws)
             parameters = from_parameters(header.parameters) if header.parameters else {}

@@ -6,8 +6,10 @@ KServe v2 / Open Inference Protocol, gRPC flavour.
 Written from the public protocol definition (kserve/open-inference-protocol,
 "grpc_predict_v2.proto") with the same package, service, message names and field
 numbers, so that Triton and KServe clients (tritonclient[grpc], kserve) talk to a moesaic
-node unchanged. Only the six data-plane RPCs are defined; moesaic-specific calls live in
-moesaic.proto.
+node unchanged. Beside the six data-plane RPCs it defines Triton's model configuration
+(ModelConfig, the fields a moesaic node fills) and model repository extension
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload), with Triton's message names
+and field numbers; moesaic-specific calls live in moesaic.proto.
 """
 
 from collections import abc as _abc
@@ -50,6 +52,14 @@ class GRPCInferenceServiceStub:
     """Inputs and outputs of one model."""
     ModelInfer: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelInferRequest, _inference_pb2.ModelInferResponse]
     """One inference."""
+    ModelConfig: _grpc.UnaryUnaryMultiCallable[_inference_pb2.ModelConfigRequest, _inference_pb2.ModelConfigResponse]
+    """The configuration a model (version) is served with."""
+    RepositoryIndex: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RepositoryIndexRequest, _inference_pb2.RepositoryIndexResponse]
+    """Every model (and version) of the repository, with its state."""
+    RepositoryModelLoad: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelLoadRequest, _inference_pb2.RepositoryModelLoadResponse]
+    """Load, or reload (new versions, changed config), one model of the repository."""
+    RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelUnloadRequest, _inference_pb2.RepositoryModelUnloadResponse]
+    """Stop serving one model."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -66,6 +76,14 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Inputs and outputs of one model."""
     ModelInfer: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelInferRequest, _inference_pb2.ModelInferResponse]  # type: ignore[assignment]
     """One inference."""
+    ModelConfig: _aio.UnaryUnaryMultiCallable[_inference_pb2.ModelConfigRequest, _inference_pb2.ModelConfigResponse]  # type: ignore[assignment]
+    """The configuration a model (version) is served with."""
+    RepositoryIndex: _aio.UnaryUnaryMultiCallable[_inference_pb2.RepositoryIndexRequest, _inference_pb2.RepositoryIndexResponse]  # type: ignore[assignment]
+    """Every model (and version) of the repository, with its state."""
+    RepositoryModelLoad: _aio.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelLoadRequest, _inference_pb2.RepositoryModelLoadResponse]  # type: ignore[assignment]
+    """Load, or reload (new versions, changed config), one model of the repository."""
+    RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelUnloadRequest, _inference_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
+    """Stop serving one model."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -115,5 +133,37 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.ModelInferResponse, _abc.Awaitable[_inference_pb2.ModelInferResponse]]:
         """One inference."""
+
+    @_abc_1.abstractmethod
+    def ModelConfig(
+        self,
+        request: _inference_pb2.ModelConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.ModelConfigResponse, _abc.Awaitable[_inference_pb2.ModelConfigResponse]]:
+        """The configuration a model (version) is served with."""
+
+    @_abc_1.abstractmethod
+    def RepositoryIndex(
+        self,
+        request: _inference_pb2.RepositoryIndexRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.RepositoryIndexResponse, _abc.Awaitable[_inference_pb2.RepositoryIndexResponse]]:
+        """Every model (and version) of the repository, with its state."""
+
+    @_abc_1.abstractmethod
+    def RepositoryModelLoad(
+        self,
+        request: _inference_pb2.RepositoryModelLoadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.RepositoryModelLoadResponse, _abc.Awaitable[_inference_pb2.RepositoryModelLoadResponse]]:
+        """Load, or reload (new versions, changed config), one model of the repository."""
+
+    @_abc_1.abstractmethod
+    def RepositoryModelUnload(
+        self,
+        request: _inference_pb2.RepositoryModelUnloadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_inference_pb2.RepositoryModelUnloadResponse]]:
+        """Stop serving one model."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -168,6 +168,11 @@ class ModelDescription(_message.Message):
     PROVIDER_FIELD_NUMBER: _builtins.int
     SERVICE_MS_FIELD_NUMBER: _builtins.int
     ENERGY_MJ_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    INPUT_FORMAT_FIELD_NUMBER: _builtins.int
+    SYNTHETIC_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     task: _builtins.str
     """What the model does, e.g. "bev_segmentation", "bev_reconstruction", "detection", "vlm"."""
@@ -194,11 +199,25 @@ class ModelDescription(_message.Message):
     """Attributed energy per inference so far (the figure replies carry), mJ; 0 before the
     cost meter closed its first interval.
     """
+    version: _builtins.str
+    """The version serving requests that name none (the highest served), e.g. "2"; "1" for a
+    folder without version sub-folders.
+    """
+    input_format: _builtins.str
+    """What the model takes, e.g. "image: RGB8 [H, W, 3]" or "points: float32 [N, 4] x y z intensity"."""
+    synthetic: _builtins.bool
+    """True when the weights were trained on generated (synthetic) data only."""
+    description: _builtins.str
+    """Free text from model.yaml."""
     @_builtins.property
     def profiles(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelProfile]: ...
     @_builtins.property
     def class_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Class names for classifiers, detectors and segmenters, index = class id."""
+
+    @_builtins.property
+    def versions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Every version served now, ascending (several under a "latest N" or "specific" policy)."""
 
     def __init__(
         self,
@@ -217,10 +236,15 @@ class ModelDescription(_message.Message):
         provider: _builtins.str = ...,
         service_ms: _builtins.float = ...,
         energy_mj: _builtins.float = ...,
+        version: _builtins.str = ...,
+        versions: _abc.Iterable[_builtins.str] | None = ...,
+        input_format: _builtins.str = ...,
+        synthetic: _builtins.bool = ...,
+        description: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "device", b"device", "energy_mj", b"energy_mj", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "name", b"name", "profiles", b"profiles", "provider", b"provider", "queue_depth", b"queue_depth", "ready", b"ready", "service_ms", b"service_ms", "state", b"state", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["class_names", b"class_names", "description", b"description", "device", b"device", "energy_mj", b"energy_mj", "engine", b"engine", "error", b"error", "expected_wait_ms", b"expected_wait_ms", "input_format", b"input_format", "name", b"name", "profiles", b"profiles", "provider", b"provider", "queue_depth", b"queue_depth", "ready", b"ready", "service_ms", b"service_ms", "state", b"state", "synthetic", b"synthetic", "task", b"task", "version", b"version", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

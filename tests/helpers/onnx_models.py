@@ -194,3 +194,17 @@ def write_toy_detector(root: Path, name: str) -> None:
         ],
     )
     write_model(root / name, graph, model_yaml="task: detection\nclass_names: [thing]\n")
+
+
+def write_offset_model(folder: Path, offset: float, *, model_yaml: str | None = None) -> Path:
+    """``folder/model.onnx``: FP32 ``y = x + offset`` over ``x`` [-1, 4] (a model version whose
+    replies tell which version answered)."""
+    constant = helper.make_tensor("offset", TensorProto.FLOAT, [], [offset])
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "offset"], ["y"])],
+        "offset",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+        initializer=[constant],
+    )
+    return write_model(folder, graph, model_yaml=model_yaml)
