@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,18 +40,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from moesaic.fleet import free_port  # noqa: E402
 from moesaic.nodes.codec import decode_response, encode_request  # noqa: E402
 from moesaic.proto import inference_pb2  # noqa: E402
 from tests.helpers.onnx_models import write_matmul_model  # noqa: E402
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 MODES = {"mlp": "without batching", "mlp_batched": "dynamic batching"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.record import machine, write_results  # noqa: E402
+from moesaic.fleet import free_port  # noqa: E402
 from moesaic.nodes.codec import (  # noqa: E402
     decode_request,
     decode_response,
@@ -83,12 +83,6 @@ class OnnxModel(MLModel):
             outputs=[NumpyCodec.encode_output(name=n, payload=o) for n, o in zip(self.names, outs)],
         )
 """
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def write_model(folder: Path) -> None:

@@ -44,6 +44,13 @@ def register(subparsers: Any) -> None:
         "--cache", type=Path, help="folder of the trained gates (default: $XDG_CACHE_HOME/moesaic/demo)"
     )
     p.add_argument("--retrain-gates", action="store_true", help="train every gate again, ignoring the cache")
+    p.add_argument(
+        "--dashboard",
+        default="127.0.0.1:8321",
+        metavar="HOST:PORT",
+        help="serve the live dashboard here while the demo runs (default 127.0.0.1:8321)",
+    )
+    p.add_argument("--no-dashboard", action="store_true", help="do not serve the live dashboard")
     p.set_defaults(func=run_demo)
 
 

@@ -137,7 +137,9 @@ def fleet_yaml(nodes: list[NodePlan], metrics_port: int, tasks: Mapping[str, Tas
     from moesaic.coordinator.config import parse_fleet
 
     data = {
-        "coordinator": {"metrics_port": metrics_port},
+        # Fusion and the reply take several ms on a loaded 2-core machine: keep them free at the
+        # budget's end; re-describe nodes often, so a suspect replica is back within a second.
+        "coordinator": {"metrics_port": metrics_port, "overhead_ms": 10.0, "probe_interval_s": 0.5},
         "nodes": [{"address": n.address, "name": n.name} for n in nodes],
         "tasks": {
             task: {"gate": str(files.gate), "validation": str(files.validation)}

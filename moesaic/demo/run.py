@@ -30,10 +30,10 @@ from moesaic.demo.fleet import (
     plan_fleet,
     write_node_repo,
 )
-from moesaic.demo.processes import Child, ProcessTree
 from moesaic.demo.replay import CAMERA_SENSOR, LIDAR_SENSOR, Replay
 from moesaic.demo.report import Samples, live_table, summary_table, write_report
 from moesaic.demo.summary import Ledger, summarise
+from moesaic.fleet import Child, ProcessTree, free_port, wait_grpc_serving
 
 __all__ = ["ASSETS", "MAX_RESTARTS", "Demo"]
 
@@ -115,8 +115,10 @@ class Demo:
     # ----------------------------------------------------------------- startup
 
     async def _main(self, tree: ProcessTree, workdir: Path) -> int:
-        from moesaic.ingest.broker import free_port
+        async with contextlib.AsyncExitStack() as stack:
+            return await self._run_fleet(tree, workdir, stack)
 
+    async def _run_fleet(self, tree: ProcessTree, workdir: Path, stack: contextlib.AsyncExitStack) -> int:
         started = time.monotonic()
         say = self.console.print
         broker = self.args.broker
@@ -124,6 +126,7 @@ class Demo:
             port = free_port()
             tree.spawn("broker", ["moesaic.ingest.broker", "--port", str(port)])
             broker = f"mqtt://127.0.0.1:{port}"
+        dashboard = await self._dashboard(stack, broker)
         nodes = plan_fleet(self.experts)
         for node in nodes:
             node.port, node.metrics_port = free_port(), free_port()
@@ -136,6 +139,9 @@ class Demo:
                 ],
                 env={"OMP_NUM_THREADS": str(node.threads), "MKL_NUM_THREADS": str(node.threads)},
             )
+            if dashboard is not None:
+                dashboard.add_node(node.address, name=node.name)
+                dashboard.add_metrics(f"http://127.0.0.1:{node.metrics_port}/metrics", name=node.name)
         described = ", ".join(f"{n.name}: {n.threads} thread(s)" for n in nodes)
         say(f"starting broker, {len(nodes)} nodes ({described})")
         await self._wait(tree, [n.address for n in nodes], "nodes", timeout=120)
@@ -154,6 +160,10 @@ class Demo:
             ["moesaic", "ingest", "--config", str(ingest), "--broker", broker, "--coordinator", coordinator],
         )
         await self._wait(tree, [coordinator], "coordinator", timeout=60)
+        if dashboard is not None:
+            dashboard.add_coordinator(coordinator)
+            for name, port in (("coordinator", coordinator_metrics), ("ingest", ingest_metrics)):
+                dashboard.add_metrics(f"http://127.0.0.1:{port}/metrics", name=name)
         await self._replay(tree, broker, started)
         duration = time.monotonic() - self.replay.started
         texts = {"ingest": metrics.fetch(ingest_metrics), "coordinator": metrics.fetch(coordinator_metrics)}
@@ -161,6 +171,22 @@ class Demo:
         metrics.save(texts, self.args.report / "metrics")
         self._finish(nodes, duration, texts["ingest"])
         return 0
+
+    async def _dashboard(self, stack: contextlib.AsyncExitStack, broker: str) -> Any:
+        """The live dashboard on ``--dashboard`` (None with ``--no-dashboard`` or when it cannot
+        start: the demo goes on without it)."""
+        if self.args.no_dashboard:
+            return None
+        try:
+            from moesaic.dashboard import fleet_dashboard
+
+            dashboard = fleet_dashboard(self.args.dashboard, broker=broker, protocol="auto")
+            await stack.enter_async_context(dashboard)
+        except (OSError, ImportError, ValueError) as exc:  # port taken, extra missing, bad address
+            self.console.print(f"[yellow]no dashboard: {exc}[/yellow]", highlight=False)
+            return None
+        self.console.print(f"dashboard: {dashboard.url}", highlight=False)
+        return dashboard
 
     async def _gates(self, nodes: list[NodePlan], workdir: Path) -> None:
         """Each task's gate, trained on the running nodes the first time, then from the cache."""
@@ -192,24 +218,18 @@ class Demo:
         )
 
     async def _wait(self, tree: ProcessTree, addresses: list[str], what: str, *, timeout: float) -> None:
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        def alive() -> None:
+            failed = tree.failed()
+            if failed is not None:
+                raise SystemExit(self._died(tree, failed))
 
-        deadline = time.monotonic() + timeout
         for address in addresses:
-            async with grpc.aio.insecure_channel(address) as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                while True:
-                    failed = tree.failed()
-                    if failed is not None:
-                        raise SystemExit(self._died(tree, failed))
-                    with contextlib.suppress(grpc.aio.AioRpcError):
-                        reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                        if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                            break
-                    if time.monotonic() > deadline:
-                        raise SystemExit(self._fail(f"{what} at {address} not serving after {timeout:.0f} s"))
-                    await asyncio.sleep(0.2)
+            try:
+                await wait_grpc_serving(address, timeout=timeout, check=alive)
+            except TimeoutError:
+                raise SystemExit(
+                    self._fail(f"{what} at {address} not serving after {timeout:.0f} s")
+                ) from None
 
     # ----------------------------------------------------------------- replay
 

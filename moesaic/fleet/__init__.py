@@ -8,6 +8,6 @@ wait until they serve, stop them gracefully then hard, find free ports.
 """
 
 from moesaic.fleet.processes import Child, ProcessTree
-from moesaic.fleet.ready import free_port, wait_grpc_ready
+from moesaic.fleet.ready import free_port, wait_grpc_ready, wait_grpc_serving
 
-__all__ = ["Child", "ProcessTree", "free_port", "wait_grpc_ready"]
+__all__ = ["Child", "ProcessTree", "free_port", "wait_grpc_ready", "wait_grpc_serving"]

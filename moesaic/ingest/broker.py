@@ -21,16 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EmbeddedBroker", "MosquittoProcess", "free_port", "mosquitto_binary", "wait_for_port"]
+from moesaic.fleet.ready import free_port
+
+__all__ = ["EmbeddedBroker", "MosquittoProcess", "mosquitto_binary", "wait_for_port"]
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(host: str, port: int, timeout: float) -> bool:

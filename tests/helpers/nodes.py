@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from typing import Any
 
 import grpc
 
+from moesaic.fleet import free_port
 from moesaic.nodes.config import load_node_config
 from moesaic.nodes.server import NodeServer
 from moesaic.proto import inference_pb2, inference_pb2_grpc
@@ -22,13 +22,6 @@ from moesaic.proto import inference_pb2, inference_pb2_grpc
 __all__ = ["REPO_ROOT", "free_port", "node_process", "running_node", "wait_server_ready"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from moesaic.ingest.broker import free_port
+from moesaic.fleet import free_port
 from moesaic.nodes.codec import encode_request
 from tests.integration.ingest.test_services_notify import NotifySocket, notify, stop  # noqa: F401
 

@@ -33,7 +33,8 @@ import yaml
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
-from moesaic.ingest.broker import MosquittoProcess, free_port, mosquitto_binary
+from moesaic.fleet import free_port
+from moesaic.ingest.broker import MosquittoProcess, mosquitto_binary
 from tests.helpers.nodes import REPO_ROOT, running_node
 from tests.helpers.onnx_models import write_model, write_toy_detector
 

@@ -22,8 +22,9 @@ import pytest
 from PIL import Image
 
 from moesaic.dashboard import Dashboard, fleet_dashboard
+from moesaic.fleet import free_port
 from moesaic.ingest.bridge import Bridge
-from moesaic.ingest.broker import EmbeddedBroker, free_port
+from moesaic.ingest.broker import EmbeddedBroker
 from moesaic.ingest.config import load_config
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2

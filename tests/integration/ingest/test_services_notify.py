@@ -16,7 +16,7 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from moesaic.ingest.broker import free_port
+from moesaic.fleet import free_port
 from tests.helpers.onnx_models import write_add_model
 
 pytestmark = pytest.mark.timeout(60)
