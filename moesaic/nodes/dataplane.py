@@ -37,8 +37,8 @@ import numpy as np
 
 from moesaic.errors import DeadlineExceeded, InvalidInput, NotFound, Unavailable, quote
 from moesaic.metrics import Metrics
-from moesaic.nodes.repository import ServedModel
 from moesaic.nodes.scheduling import ModelQueue, QueueState
+from moesaic.nodes.served import ServedModel
 from moesaic.runtime.cost import CostMeter
 
 __all__ = ["DataPlane", "Reply", "Stages"]

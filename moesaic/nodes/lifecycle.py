@@ -41,7 +41,8 @@ from typing import Any
 from moesaic.errors import FailedPrecondition, InvalidInput, NotFound, quote
 from moesaic.metrics import Metrics
 from moesaic.nodes.dataplane import DataPlane
-from moesaic.nodes.repository import ModelEntry, ServedModel, read_model_entry, scan_repository
+from moesaic.nodes.repository import ModelEntry, read_model_entry, scan_repository
+from moesaic.nodes.served import ServedModel
 from moesaic.nodes.versions import fingerprint
 from moesaic.runtime.engine import EngineError
 

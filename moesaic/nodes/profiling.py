@@ -27,7 +27,7 @@ import numpy as np
 
 from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_request, encode_response
 from moesaic.nodes.dataplane import DataPlane, Stages
-from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.served import ServedModel
 from moesaic.nodes.validation import RequestValidator
 from moesaic.runtime.profiler import LatencyQuantiles, ProfileRecord
 

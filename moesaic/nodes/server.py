@@ -36,7 +36,7 @@ from moesaic.metrics import Metrics
 from moesaic.nodes.config import NodeConfig
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
-from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.served import ServedModel
 from moesaic.nodes.servicer import INFERENCE_SERVICE, NODE_SERVICE, InferenceServicer, NodeServicer
 from moesaic.proto import moesaic_pb2_grpc
 from moesaic.rpc import add_health_and_reflection, add_port, create_server

@@ -35,7 +35,7 @@ from moesaic.metrics import Metrics
 from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_response
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
-from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.served import ServedModel
 from moesaic.nodes.validation import Decoded, RequestValidator
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort, status_of

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from moesaic.errors import InvalidInput, quote
 from moesaic.nodes.codec import decode_tensor, from_parameters, split_message, tensor_from_contents
-from moesaic.nodes.repository import ServedModel
+from moesaic.nodes.served import ServedModel
 from moesaic.proto import inference_pb2
 
 __all__ = ["DEADLINE_PARAMETER", "Decoded", "RequestValidator", "validate_inputs"]
