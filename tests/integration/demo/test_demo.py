@@ -91,7 +91,7 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoProces
 def demo(inputs: Inputs, report: Path, tag: str, *extra: str) -> subprocess.Popen[str]:
     env = {**os.environ, "MOESAIC_TEST_TAG": tag, "OMP_NUM_THREADS": "1"}
     args = ["demo", "--models", str(inputs.models), "--camera", str(inputs.camera), "--report", str(report)]
-    args += ["--cache", str(inputs.cache), "--no-live"]
+    args += ["--cache", str(inputs.cache), "--no-live", "--no-dashboard"]
     report.parent.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
         [sys.executable, "-m", "moesaic", *args, *extra],
