@@ -32,6 +32,7 @@ from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.planner import Plan, Planner, cheapest
 from moesaic.coordinator.registry import Expert, Registry
 from moesaic.coordinator.selection import Budget
+from moesaic.coordinator.sliced import perceive_sliced
 from moesaic.errors import InvalidInput, ResourceExhausted, Unavailable, quote
 from moesaic.metrics import Metrics
 
@@ -117,8 +118,6 @@ class Pipeline:
         state.features = self.features(state)
         self.select(state)
         if request.task == "detection" and request.options.get("slice"):
-            from moesaic.coordinator.sliced import perceive_sliced
-
             fused = await perceive_sliced(state, self.registry, self.planner, self.caller)
         else:
             await Dispatch(state, self.registry, self.planner, self.caller).run()
