@@ -18,7 +18,7 @@ system-deps:
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) install -q -U pip
-	$(PIP) install -q -c constraints.txt -e '.[all,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[all,cpu,dev]'
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

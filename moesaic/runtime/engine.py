@@ -120,8 +120,9 @@ class EngineError(Internal, RuntimeError):
 class MissingExtraError(EngineError, ImportError):
     """A backend's package is not installed; the message names the extra to install."""
 
-    def __init__(self, package: str, extra: str) -> None:
-        super().__init__(f"{package} is not installed; install it with: pip install 'moesaic[{extra}]'")
+    def __init__(self, package: str, extra: str, *alternatives: str) -> None:
+        how = " or ".join(f"pip install 'moesaic[{e}]'" for e in (extra, *alternatives))
+        super().__init__(f"{package} is not installed; install it with: {how}")
         self.package = package
         self.extra = extra
 

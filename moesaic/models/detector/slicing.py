@@ -23,7 +23,7 @@ from typing import Literal
 import numpy as np
 
 from moesaic.models.detections import Detections
-from moesaic.models.detector.yolo_ops import nms
+from moesaic.models.detector.yolo_ops import batched_nms
 
 __all__ = ["Tile", "merge_tiles", "sliced_detect", "tile_image", "tile_origins"]
 
@@ -140,8 +140,7 @@ def merge_tiles(
         width = max(float(t.x0 + t.width) for t, _ in results)
         height = max(float(t.y0 + t.height) for t, _ in results)
         return _wbf(merged, width, height, iou, skip_score)
-    offset = merged.class_ids[:, None].astype(np.float32) * (merged.boxes.max() + 1.0)
-    keep = nms(merged.boxes + offset, merged.scores, iou)
+    keep = batched_nms(merged.boxes, merged.scores, merged.class_ids, iou)
     return merged.select(keep)
 
 

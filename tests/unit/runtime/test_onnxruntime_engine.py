@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from moesaic.runtime.engine import EngineError, TensorSpec, create_engine, engine_types, parse_engine_config
+from moesaic.runtime.engine import (
+    EngineError,
+    MissingExtraError,
+    TensorSpec,
+    create_engine,
+    engine_types,
+    parse_engine_config,
+)
 from moesaic.runtime.onnxruntime_engine import OnnxRuntimeConfig, OnnxRuntimeEngine
 from tests.helpers.onnx_models import write_add_model, write_identity_model
 
@@ -83,3 +91,22 @@ def test_missing_file_and_provider(tmp_path: Path) -> None:
 def test_unknown_option_fails() -> None:
     with pytest.raises(ValueError, match=r"engine\.thread: Extra inputs"):
         parse_engine_config({"type": "onnxruntime", "thread": 1})
+
+
+def test_without_onnx_runtime_the_error_names_both_runtime_extras(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = write_add_model(tmp_path, "add")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now fails
+    with pytest.raises(MissingExtraError, match=r"moesaic\[cpu\]' or pip install 'moesaic\[gpu\]'"):
+        create_engine(CPU, folder).load()
+
+
+def test_cuda_graph_and_tensorrt_options_parse_and_cpu_ignores_them(tmp_path: Path) -> None:
+    folder = write_add_model(tmp_path, "add", shape=(-1, 4))
+    config = {**CPU, "cuda_graph": True, "tensorrt_fp16": False, "tensorrt_cache": str(tmp_path / "c")}
+    with create_engine(config, folder) as engine:
+        details = engine.describe().details
+        assert details["io_binding"] == "false" and details["cuda_graph"] == "false"
+        x = np.ones((3, 4), np.float32)
+        np.testing.assert_array_equal(engine.infer({"x": x})["y"], x + 1)

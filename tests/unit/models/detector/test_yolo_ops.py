@@ -8,7 +8,18 @@ from typing import Any
 import numpy as np
 import pytest
 
-from moesaic.models.detector.yolo_ops import decode, letterbox, nms, resize_bilinear, scale_boxes, to_tensor
+from moesaic.models.detector.yolo_ops import (
+    batched_nms,
+    decode,
+    letterbox,
+    letterbox_reference,
+    nms,
+    resize_bilinear,
+    scale_boxes,
+    to_tensor,
+)
+from moesaic.runtime.engine import MissingExtraError
+from tests.helpers.real_data import REAL_DATA
 
 
 @pytest.mark.parametrize(("h", "w", "size"), [(375, 1242, 640), (100, 200, 64), (64, 64, 64), (30, 17, 416)])
@@ -88,11 +99,69 @@ def test_nms_matches_torchvision() -> None:
         assert nms(boxes, scores, iou).tolist() == ref.tolist()
 
 
-def test_letterbox_is_the_same_with_and_without_opencv(monkeypatch: pytest.MonkeyPatch) -> None:
+def _random_boxes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(-20, 300, (n, 2))
+    wh = rng.uniform(2, 80, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+    scores = rng.uniform(0, 1, n).astype(np.float32)
+    return boxes, scores, rng.integers(0, 5, n)
+
+
+@pytest.mark.parametrize("iou", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_batched_nms_equals_the_numpy_oracle(iou: float, agnostic: bool) -> None:
     pytest.importorskip("cv2")
-    rng = np.random.default_rng(2)
-    image = rng.integers(0, 256, (375, 1242, 3), dtype=np.uint8)  # a KITTI frame's shape
-    fast, info = letterbox(image, 320)
-    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails: the numpy oracle runs
-    slow, info_slow = letterbox(image, 320)
-    assert np.array_equal(fast, slow) and info == info_slow
+    boxes, scores, classes = _random_boxes(3000, 4)  # the 3,000-box case
+    got = batched_nms(boxes, scores, None if agnostic else classes, iou)
+    if agnostic:
+        expected = nms(boxes, scores, iou)
+    else:
+        expected = nms(boxes + classes[:, None].astype(np.float32) * 1000.0, scores, iou)
+    assert got.tolist() == expected.tolist()
+    assert (
+        batched_nms(boxes, scores, classes, iou, max_det=7).tolist()
+        == batched_nms(boxes, scores, classes, iou)[:7].tolist()
+    )
+
+
+def test_batched_nms_matches_torchvision() -> None:
+    torchvision = pytest.importorskip("torchvision")
+    import torch
+
+    boxes, scores, classes = _random_boxes(500, 5)
+    ref = torchvision.ops.batched_nms(
+        torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(classes), 0.5
+    ).numpy()
+    assert batched_nms(boxes, scores, classes, 0.5).tolist() == ref.tolist()
+
+
+def test_batched_nms_without_opencv_falls_back_to_the_oracle(monkeypatch: pytest.MonkeyPatch) -> None:
+    boxes, scores, classes = _random_boxes(300, 6)
+    with_cv2 = batched_nms(boxes, scores, classes, 0.6)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # import cv2 now fails
+    assert batched_nms(boxes, scores, classes, 0.6).tolist() == with_cv2.tolist()
+    assert len(batched_nms(boxes[:0], scores[:0], classes[:0], 0.6)) == 0
+
+
+def test_letterbox_equals_the_numpy_oracle_on_a_real_kitti_frame() -> None:
+    cv2 = pytest.importorskip("cv2")
+    path = REAL_DATA / "kitti_000008.png"
+    if not path.is_file():
+        pytest.skip(f"{path} not present")
+    image = np.ascontiguousarray(cv2.imread(str(path))[..., ::-1])
+    for size in (320, 640, (384, 640)):
+        fast, info = letterbox(image, size)
+        slow, info_slow = letterbox_reference(image, size)
+        assert np.array_equal(fast, slow) and info == info_slow
+    # A non-contiguous view (e.g. a crop) and an image already at the inner size.
+    crop = image[10:300, 5:900]
+    assert np.array_equal(letterbox(crop, 320)[0], letterbox_reference(crop, 320)[0])
+    exact = np.ascontiguousarray(image[:97, :320])
+    assert np.array_equal(letterbox(exact, 320)[0], letterbox_reference(exact, 320)[0])
+
+
+def test_letterbox_without_opencv_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)
+    with pytest.raises(MissingExtraError, match=r"moesaic\[cpu\]' or pip install 'moesaic\[gpu\]"):
+        letterbox(np.zeros((10, 20, 3), np.uint8), 32)
