@@ -40,6 +40,7 @@ __all__ = [
     "BevGrid",
     "BevMode",
     "BevRingBuffer",
+    "TorchBevRingBuffer",
     "check_points",
     "multi_channel",
     "ppn_occupancy",
@@ -406,6 +407,43 @@ class BevRingBuffer:
     def clear(self) -> None:
         """Forget every frame."""
         self._data.fill(0.0)
+        self._next = 0
+        self.count = 0
+
+
+class TorchBevRingBuffer:
+    """:class:`BevRingBuffer` of torch tensors on one device (a GPU): frames never leave it.
+
+    ``stacked()`` is one gather on the device: ``(frames * C, nx, ny)``, oldest frame first.
+    """
+
+    def __init__(self, frames: int, frame_shape: tuple[int, ...], device: Any) -> None:
+        if frames < 1:
+            raise ValueError(f"frames: must be >= 1, got {frames}")
+        torch = _torch()
+        self.frames = frames
+        self.frame_shape = tuple(frame_shape)
+        self._data = torch.zeros((frames, *self.frame_shape), dtype=torch.float32, device=device)
+        self._order = torch.arange(frames, device=device)
+        self._next = 0
+        self.count = 0
+
+    def push(self, frame: torch.Tensor) -> None:
+        """Add the newest frame (a tensor of ``frame_shape``), dropping the oldest once full."""
+        if tuple(frame.shape) != self.frame_shape:
+            raise ValueError(f"frame: expected shape {self.frame_shape}, got {tuple(frame.shape)}")
+        self._data[self._next].copy_(frame)
+        self._next = (self._next + 1) % self.frames
+        self.count += 1
+
+    def stacked(self) -> torch.Tensor:
+        """``(frames * C, nx, ny)`` on the device: the frames oldest to newest."""
+        order = self._order.roll(-self._next)
+        return self._data.index_select(0, order).reshape(-1, *self.frame_shape[-2:])
+
+    def clear(self) -> None:
+        """Forget every frame."""
+        self._data.zero_()
         self._next = 0
         self.count = 0
 

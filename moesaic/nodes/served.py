@@ -183,6 +183,8 @@ class ServedModel:
                 processor = (
                     create_processor(self.spec.processor, self.folder) if self.spec.processor else None
                 )
+                if processor is not None:
+                    processor.place(described.device)  # e.g. BEV encoding on the engine's GPU
                 self.inputs = processor.inputs(described.inputs) if processor else described.inputs
                 self.outputs = processor.outputs(described.outputs) if processor else described.outputs
                 if processor and processor.class_names():

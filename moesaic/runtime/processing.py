@@ -61,6 +61,12 @@ class Processor(ABC):
         """Class names (index = class id) for detectors and segmenters; empty otherwise."""
         return []
 
+    def place(self, device: str) -> None:
+        """Told once after loading where the engine runs (``cpu``, ``cuda:N``): a processor may
+        then do its own work there (the PPN processor encodes BEV grids on that GPU) and hand the
+        engine device tensors. Default: nothing."""
+        return None
+
     def sample_inputs(self) -> dict[str, np.ndarray] | None:
         """A typical request's node-level inputs, or None. The node runs it through the whole
         path (pre + engine + post) right after loading and as its liveness probe, so the service

@@ -13,6 +13,12 @@ parameter ``sensor_id``; output ``probs`` FP32 ``[C, H, W]`` (``task: seg``) or 
 buffer of its ``sensor_id`` (the last T frames, oldest first; zeros before the stream has T
 frames); the stack is the engine input ``[1, T*C, H, W]``. Streams idle beyond ``max_streams``
 are forgotten, least recently used first.
+
+On a node whose engine runs on a CUDA device, with torch installed (the ``gpu`` extra), the
+scan goes to the GPU once (through a pinned staging buffer), is encoded there
+(:func:`~moesaic.datasets.bev.torch_multi_channel`), the ring buffers live on the GPU and the
+engine gets the stacked grid as a device tensor: no grid crosses PCIe. ``gpu_encoding: false``
+keeps the encoding on the CPU.
 """
 
 from __future__ import annotations
@@ -25,7 +31,12 @@ from typing import Any
 
 import numpy as np
 
-from moesaic.datasets.bev import BevRingBuffer
+from moesaic.datasets.bev import (
+    BevRingBuffer,
+    TorchBevRingBuffer,
+    torch_multi_channel,
+    torch_ppn_occupancy,
+)
 from moesaic.datasets.lidar_scenes import CLASS_NAMES
 from moesaic.models.ppn.encoding import PpnEncoding
 from moesaic.runtime.engine import TensorSpec
@@ -33,7 +44,7 @@ from moesaic.runtime.processing import Processor, register_processor
 
 __all__ = ["PpnBevProcessor"]
 
-_OWN_KEYS = {"task", "max_points", "max_streams", "class_names"}
+_OWN_KEYS = {"task", "max_points", "max_streams", "class_names", "gpu_encoding"}
 
 
 class PpnBevProcessor(Processor):
@@ -52,9 +63,31 @@ class PpnBevProcessor(Processor):
         self.max_points = int(options.get("max_points", 2_000_000))
         self.max_streams = int(options.get("max_streams", 64))
         self._names = [str(n) for n in options.get("class_names", CLASS_NAMES)]
-        self._buffers: OrderedDict[str, BevRingBuffer] = OrderedDict()
+        self.gpu_encoding = bool(options.get("gpu_encoding", True))
+        self._buffers: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._engine_input = "bev"
+        self._device: Any = None  # a torch CUDA device once placed there
+        self._staging: Any = None  # pinned host buffer the scans go to the GPU through
+
+    def place(self, device: str) -> None:
+        """Encode on ``device`` when it is a CUDA device and torch sees it (see the module doc)."""
+        if not (self.gpu_encoding and device.startswith("cuda")):
+            return
+        try:
+            import torch
+        except ImportError:
+            return
+        if not torch.cuda.is_available():
+            return
+        with self._lock:
+            self._device = torch.device(device)
+            self._buffers.clear()
+
+    @property
+    def encodes_on(self) -> str:
+        """Where scans are encoded: ``cpu`` or the CUDA device."""
+        return "cpu" if self._device is None else str(self._device)
 
     def inputs(self, engine_inputs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
         if len(engine_inputs) != 1:
@@ -91,10 +124,13 @@ class PpnBevProcessor(Processor):
         points = rng.uniform(lo, hi, (120_000, 4)).astype(np.float32)
         return {"points": points}
 
-    def _buffer(self, sensor_id: str) -> BevRingBuffer:
+    def _buffer(self, sensor_id: str) -> Any:
         buf = self._buffers.get(sensor_id)
         if buf is None:
-            buf = BevRingBuffer(self.encoding.frames, self.encoder.shape)
+            if self._device is None:
+                buf = BevRingBuffer(self.encoding.frames, self.encoder.shape)
+            else:
+                buf = TorchBevRingBuffer(self.encoding.frames, self.encoder.shape, self._device)
             self._buffers[sensor_id] = buf
             while len(self._buffers) > self.max_streams:
                 self._buffers.popitem(last=False)
@@ -118,12 +154,36 @@ class PpnBevProcessor(Processor):
         sensor_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
         if not sensor_id:
             raise ValueError("sensor_id: must be a non-empty string")
+        if self._device is not None:
+            with self._lock:
+                buf = self._buffer(sensor_id)
+                buf.push(self._encode_on_gpu(points))
+                return {self._engine_input: buf.stacked()[None]}, None
         frame = self.encoder(points)
         with self._lock:
             buf = self._buffer(sensor_id)
             buf.push(frame)
             stacked = buf.stacked()
         return {self._engine_input: stacked[None]}, None
+
+    def _encode_on_gpu(self, points: np.ndarray) -> Any:
+        """One scan encoded on the GPU (called under the lock: one staging buffer)."""
+        import torch
+
+        n = len(points)
+        staging = self._staging
+        if staging is None or staging.shape[0] < n:
+            staging = self._staging = torch.empty((max(n, 1 << 17), 4), dtype=torch.float32, pin_memory=True)
+        host = staging[:n]
+        np.copyto(host.numpy(), points)  # the request's read-only bytes into pinned memory
+        device_points = host.to(self._device, non_blocking=True)
+        if self.encoding.mode == "ppn":
+            frame = torch_ppn_occupancy(device_points).to(torch.float32)[None]
+        else:
+            frame = torch_multi_channel(device_points, self.encoding.grid)
+        # The staging buffer is reused by the next scan: its copy must be done by then.
+        torch.cuda.current_stream(self._device).synchronize()
+        return frame
 
     def postprocess(self, outputs: Mapping[str, np.ndarray], context: Any) -> dict[str, np.ndarray]:
         (out,) = outputs.values()
