@@ -16,7 +16,14 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-__all__ = ["describe_errors", "field_path", "load_model", "read_yaml_mapping"]
+__all__ = [
+    "describe_errors",
+    "field_path",
+    "load_model",
+    "read_text_file",
+    "read_yaml_mapping",
+    "yaml_problem",
+]
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -37,14 +44,34 @@ def describe_errors(exc: ValidationError, limit: int = 4) -> str:
     return "; ".join(parts)
 
 
+def read_text_file(path: Path) -> str:
+    """The UTF-8 text of ``path``; ``ValueError`` with one line naming the file when it cannot
+    be read or is not text (a binary file given where a config was expected)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path}: not a text file (byte 0x{exc.object[exc.start]:02x} at offset {exc.start} is not UTF-8)"
+        ) from None
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parser error in one line: ``line 2 column 3: expected ..., but found '-'``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     """The mapping a YAML file holds (empty file: ``{}``); ``ValueError`` naming the file."""
+    text = read_text_file(path)
     try:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as exc:
-        raise ValueError(f"{path}: {exc.strerror}") from None
+        loaded = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     if not isinstance(loaded, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
     return loaded

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moesaic.config import describe_errors
+from moesaic.config import describe_errors, read_text_file, yaml_problem
 from moesaic.rpc import TlsConfig
 
 __all__ = [
@@ -205,10 +205,9 @@ def parse_fleet(
 
 def load_fleet(path: Path, *, env: Mapping[str, str] | None = None) -> FleetConfig:
     """Read a fleet YAML file."""
+    text = read_text_file(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read: {exc.strerror}") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {exc}") from None
+        raise ValueError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
     return parse_fleet(data, source=str(path), base=path.parent, env=env)

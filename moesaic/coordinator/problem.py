@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moesaic.config import describe_errors
+from moesaic.config import describe_errors, read_text_file
 from moesaic.coordinator.selection import Budget, ExpertCost, SelectionProblem
 
 __all__ = ["ProblemError", "load_problem", "parse_problem"]
@@ -106,9 +106,9 @@ def parse_problem(data: Any, *, source: str = "problem") -> tuple[SelectionProbl
 def load_problem(path: Path) -> tuple[SelectionProblem, Budget]:
     """Read and validate a problem JSON file."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ProblemError(f"{path}: cannot read: {exc.strerror}") from None
+        text = read_text_file(path)
+    except ValueError as exc:
+        raise ProblemError(str(exc)) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

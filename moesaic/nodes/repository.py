@@ -189,12 +189,7 @@ def read_model_entry(folder: Path, overrides: Mapping[str, Any] | None = None) -
     if not versions:
         return None
     if versions.get(1) != folder and (folder / ONNX_FILE).is_file():
-        log.warning(
-            "%s: holds %s and version folders %s; the version folders are served",
-            folder,
-            ONNX_FILE,
-            sorted(versions),
-        )
+        log.warning("%s: holds %s and a 1/ folder; 1/ is version 1", folder, ONNX_FILE)
     spec, _ = load_model_spec(folder, overrides=overrides)
     return ModelEntry(spec.name, folder, spec, versions, overrides)
 

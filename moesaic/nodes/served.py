@@ -22,6 +22,7 @@ from moesaic.runtime.cost import CostMeter
 from moesaic.runtime.devices import DeviceInfo
 from moesaic.runtime.engine import Engine, EngineConfig, TensorSpec, create_engine
 from moesaic.runtime.processing import Processor, create_processor
+from moesaic.runtime.profiler import ProfileRecord, load_profile_file
 
 if TYPE_CHECKING:
     from moesaic.nodes.repository import ModelSpec
@@ -31,6 +32,8 @@ __all__ = ["FallbackRefused", "ServedModel"]
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.yaml"
+PROFILE_FILE = "profile.json"
+"""A version folder's own profile (``moesaic import-model`` writes it), shown in Describe."""
 
 
 class FallbackRefused(RuntimeError):
@@ -92,6 +95,8 @@ class ServedModel:
         self.class_names: list[str] = list(spec.class_names)
         self.batcher: DynamicBatcher | None = None
         self.input_format = spec.input_format
+        self.profiles: list[ProfileRecord] = []
+        """The version's own ``profile.json`` records for this device (``moesaic import-model``)."""
         self._lock = threading.Lock()
         self._users = 0
         self._retiring = False
@@ -200,6 +205,7 @@ class ServedModel:
                         self.name, engine.infer, batching, cost=cost, on_batch=on_batch
                     )
                 self.engine, self.processor = engine, processor
+                self.profiles = _own_profile(self.folder / PROFILE_FILE, self.name, device.id)
                 self.state, self.error = "ready", ""
                 self.loaded_at = time.time()
             except Exception as exc:
@@ -292,3 +298,15 @@ def _input_format(processor: Processor | None, inputs: tuple[TensorSpec, ...]) -
         if isinstance(text, str) and text:
             return text
     return "; ".join(f"{s.name}: {s.datatype} {list(s.shape)}" for s in inputs)
+
+
+def _own_profile(path: Path, name: str, device: str) -> list[ProfileRecord]:
+    """Records of ``path`` for this model on this device; a bad file is logged, not fatal."""
+    if not path.is_file():
+        return []
+    try:
+        records = load_profile_file(path)
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring %s: %s", path, exc)
+        return []
+    return [r for r in records if r.model == name and r.device == device]

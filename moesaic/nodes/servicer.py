@@ -305,9 +305,8 @@ class NodeServicer(moesaic_pb2_grpc.NodeServicer):
                 desc.queue_depth, desc.expected_wait_ms = queue.depth, queue.expected_wait_s * 1e3
                 desc.service_ms = queue.service_s * 1e3
                 desc.energy_mj = self.plane.cost.energy_j(model.name) * 1e3
-            for rec in self.profiles:
-                if rec.model != model.name:
-                    continue
+            records = [rec for rec in self.profiles if rec.model == model.name] or model.profiles
+            for rec in records:
                 desc.profiles.add(
                     batch_size=rec.batch_size,
                     latency_ms=moesaic_pb2.LatencyQuantiles(

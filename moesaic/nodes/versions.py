@@ -7,7 +7,8 @@ A model folder holds either numbered version folders, each with the model's file
     models/yolo-n/2/model.onnx
     models/yolo-n/2/model.yaml      # optional: keys overriding the shared model.yaml
 
-or the files themselves (``models/yolo-n/model.onnx``), which is version 1. ``version_policy``
+or the files themselves (``models/yolo-n/model.onnx``), which is version 1 (unless a ``1/``
+folder exists); a ``2/model.onnx`` dropped beside them is version 2. ``version_policy``
 in model.yaml picks the versions served: ``{latest: N}`` (default ``{latest: 1}``),
 ``{specific: [1, 3]}`` or ``{all: true}``; Triton's JSON forms (``{"latest": {"num_versions":
 2}}``, ``{"specific": {"versions": [1]}}``, ``{"all": {}}``) are accepted too.
@@ -90,21 +91,22 @@ def has_model_files(folder: Path) -> bool:
 
 
 def find_versions(folder: Path) -> dict[int, Path]:
-    """``{version: folder with its files}``: numbered sub-folders, else the folder itself as 1.
+    """``{version: folder with its files}``: numbered sub-folders, and the folder's own
+    ``model.onnx`` (or a model.yaml alone) as version 1 unless a ``1/`` folder exists.
 
-    Empty when the folder holds neither (not a model). Sub-folders named ``0`` or not a plain
-    number are ignored, as Triton does.
+    So a flat folder is version 1, and dropping ``2/model.onnx`` beside its ``model.onnx``
+    adds version 2. Empty when the folder holds neither (not a model). Sub-folders named
+    ``0`` or not a plain number are ignored, as Triton does.
     """
-    numbered = {
+    found = {
         int(child.name): child
         for child in folder.iterdir()
         if child.is_dir() and child.name.isdigit() and int(child.name) >= 1
     }
-    if numbered:
-        return dict(sorted(numbered.items()))
-    if (folder / "model.onnx").is_file() or (folder / "model.yaml").is_file():
-        return {1: folder}
-    return {}
+    flat = (folder / "model.onnx").is_file() or (not found and (folder / "model.yaml").is_file())
+    if flat and 1 not in found:
+        found[1] = folder
+    return dict(sorted(found.items()))
 
 
 def fingerprint(folder: Path, *, depth: int = 2) -> tuple[tuple[str, int, int], ...]:

@@ -45,7 +45,7 @@ def test_bad_policies_fail(policy: dict[str, Any], match: str) -> None:
         VersionPolicy.model_validate(policy)
 
 
-def test_numbered_folders_are_versions_and_a_flat_folder_is_version_1(tmp_path: Path) -> None:
+def test_numbered_folders_are_versions_and_a_flat_folders_files_are_version_1(tmp_path: Path) -> None:
     write_offset_model(tmp_path / "flat", 1.0)
     write_offset_model(tmp_path / "triton" / "1", 1.0)
     write_offset_model(tmp_path / "triton" / "10", 10.0)
@@ -53,6 +53,8 @@ def test_numbered_folders_are_versions_and_a_flat_folder_is_version_1(tmp_path: 
     (tmp_path / "triton" / "latest").mkdir()
     (tmp_path / "empty").mkdir()
     assert find_versions(tmp_path / "flat") == {1: tmp_path / "flat"}
+    write_offset_model(tmp_path / "flat" / "2", 2.0)  # a new version beside a flat folder
+    assert find_versions(tmp_path / "flat") == {1: tmp_path / "flat", 2: tmp_path / "flat" / "2"}
     assert find_versions(tmp_path / "triton") == {
         1: tmp_path / "triton" / "1",
         10: tmp_path / "triton" / "10",
