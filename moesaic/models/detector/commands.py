@@ -24,6 +24,25 @@ def _read_rgb(path: Path) -> Any:
         raise ValueError(f"image: {path} is not an image file") from None
 
 
+SYNTHETIC_NOTE = (
+    "note: {name} was trained on generated (synthetic) images only; expect poor accuracy on real "
+    "camera frames. Bring your own weights: moesaic import-model best.pt --repo models --name my-yolo"
+)
+
+
+def _model_facts(path: Path) -> tuple[str, bool]:
+    """Name and ``synthetic`` flag of a model folder (files: their name, False)."""
+    if not path.is_dir():
+        return path.stem, False
+    from moesaic.models.detector.detector import model_folder_spec
+
+    try:
+        spec, _ = model_folder_spec(path)
+    except (OSError, ValueError):
+        return path.name, False
+    return str(spec.get("name") or path.name), bool(spec.get("synthetic"))
+
+
 def _detect(args: argparse.Namespace) -> int:
     from moesaic.models.detector.detector import load_detector
     from moesaic.models.detector.slicing import sliced_detect
@@ -34,6 +53,7 @@ def _detect(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"moesaic detect: {exc}", file=sys.stderr)
         return 2
+    name, synthetic = _model_facts(Path(args.model))
     with detector:
         if args.slice:
             dets = sliced_detect(
@@ -41,14 +61,46 @@ def _detect(args: argparse.Namespace) -> int:
             )
         else:
             dets = detector.detect(image)
+    note = SYNTHETIC_NOTE.format(name=name) if synthetic else ""
+    if args.out:
+        try:
+            written = _write_result(Path(args.out), Path(args.image), image, dets, name, note)
+        except OSError as exc:
+            print(f"moesaic detect: --out {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     if args.json:
         print(json.dumps(dets.to_json()))
     else:
-        print(f"{len(dets)} detections in {args.image} ({image.shape[1]}x{image.shape[0]})")
+        print(f"{len(dets)} detections in {args.image} ({image.shape[1]}x{image.shape[0]}) by {name}")
         for d in dets.to_json():
             x1, y1, x2, y2 = d["xyxy"]
             print(f"  {d['class_name']:<12} {d['score']:.3f}  [{x1:.1f}, {y1:.1f}, {x2:.1f}, {y2:.1f}]")
+    if args.out:
+        print(f"wrote {written[0]} and {written[1]}", file=sys.stderr if args.json else sys.stdout)
+    if note:
+        print(note, file=sys.stderr)
     return 0
+
+
+def _write_result(out: Path, source: Path, image: Any, dets: Any, model: str, note: str) -> tuple[Path, Path]:
+    """``out/<image stem>.jpg`` (annotated) and ``out/<image stem>.json``; ``out`` is created."""
+    from moesaic.models.annotate import annotate
+
+    out.mkdir(parents=True, exist_ok=True)
+    picture, record = out / f"{source.stem}.jpg", out / f"{source.stem}.json"
+    annotate(image, dets).save(picture, format="JPEG", quality=90)
+    body = {
+        "image": str(source),
+        "width": int(image.shape[1]),
+        "height": int(image.shape[0]),
+        "model": model,
+        "synthetic": bool(note),
+        "detections": dets.to_json(),
+    }
+    if note:
+        body["note"] = note
+    record.write_text(json.dumps(body, indent=2) + "\n")
+    return picture, record
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -77,17 +129,26 @@ def _train(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if data.is_dir():
         data = data / "data.yaml"
+    from moesaic.runtime.progress import TrainingProgress
+
     try:
-        weights = train_detector(
-            data,
-            model=args.model,
-            imgsz=args.imgsz,
-            epochs=args.epochs,
-            batch=args.batch,
-            device=args.device,
-            out=Path(args.runs),
-            seed=args.seed,
-        )
+        with TrainingProgress("train detector", total=1) as bar:
+
+            def progress(done: int, total: int, note: str) -> None:
+                bar.total = total
+                bar.advance(done - bar.done, note=note)
+
+            weights = train_detector(
+                data,
+                model=args.model,
+                imgsz=args.imgsz,
+                epochs=args.epochs,
+                batch=args.batch,
+                device=args.device,
+                out=Path(args.runs),
+                seed=args.seed,
+                on_progress=progress,
+            )
     except ValueError as exc:
         print(f"moesaic train detector: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +178,9 @@ def register(subparsers: Any) -> None:
         "--merge", choices=("nms", "wbf"), default="nms", help="how tiles are merged (default nms)"
     )
     p.add_argument("--json", action="store_true", help="print a JSON list of detections")
+    p.add_argument(
+        "--out", help="folder to write <image>.jpg (boxes drawn) and <image>.json (detections) into"
+    )
     p.set_defaults(func=_detect)
 
     g = subparsers.add_parser(

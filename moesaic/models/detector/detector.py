@@ -28,7 +28,14 @@ from moesaic.models.detections import Detections
 from moesaic.models.detector.serving import YoloProcessor, check_image
 from moesaic.runtime.engine import Engine, create_engine
 
-__all__ = ["Detector", "EngineDetector", "UltralyticsDetector", "load_detector", "onnx_metadata"]
+__all__ = [
+    "Detector",
+    "EngineDetector",
+    "UltralyticsDetector",
+    "load_detector",
+    "model_folder_spec",
+    "onnx_metadata",
+]
 
 
 class Detector(ABC):
@@ -145,6 +152,20 @@ def _strip_engine_header(path: Path) -> tuple[Path, dict[str, Any]]:
     return plan, meta
 
 
+def model_folder_spec(folder: Path) -> tuple[dict[str, Any], Path]:
+    """A model folder's model.yaml and the folder holding the files of its highest version:
+    the highest numbered sub-folder (its own model.yaml's keys on top), else the folder itself
+    (the node's repository layout; ``moesaic.nodes.versions`` has the serving policies)."""
+    spec = yaml.safe_load((folder / "model.yaml").read_text()) if (folder / "model.yaml").is_file() else {}
+    spec = spec if isinstance(spec, dict) else {}
+    numbered = [int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) >= 1]
+    if not numbered:
+        return spec, folder
+    files = folder / str(max(numbered))
+    own = yaml.safe_load((files / "model.yaml").read_text()) if (files / "model.yaml").is_file() else {}
+    return {**spec, **(own if isinstance(own, dict) else {})}, files
+
+
 def load_detector(
     path: Path,
     *,
@@ -163,12 +184,12 @@ def load_detector(
         spec_file = path / "model.yaml"
         if not spec_file.is_file():
             raise ValueError(f"model: {path} is a folder without model.yaml")
-        spec = yaml.safe_load(spec_file.read_text()) or {}
+        spec, files = model_folder_spec(path)
         proc = dict(spec.get("processor") or {})
         if proc.pop("type", None) != "yolo":
             raise ValueError(f"model: {spec_file} does not declare processor type 'yolo'")
-        engine = create_engine(spec.get("engine") or {"type": "onnxruntime"}, path)
-        return EngineDetector(engine, YoloProcessor({**proc, **overrides}, path))
+        engine = create_engine(spec.get("engine") or {"type": "onnxruntime"}, files)
+        return EngineDetector(engine, YoloProcessor({**proc, **overrides}, files))
     if not path.is_file():
         raise ValueError(f"model: no such file or folder {path}")
     suffix = path.suffix.lower()

@@ -15,6 +15,7 @@ pre-installed ``onnxslim`` with auto-install disabled.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,13 @@ def train_detector(
     workers: int = 0,
     seed: int = 0,
     extra: dict[str, Any] | None = None,
+    on_progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
-    """Train from scratch on a YOLO ``data.yaml``; returns the best weights (``best.pt``)."""
+    """Train from scratch on a YOLO ``data.yaml``; returns the best weights (``best.pt``).
+
+    ``on_progress(batches_done, batches_total, note)`` is called after every training batch
+    (``note``: the epoch and its mean loss so far).
+    """
     _check_arch(model)
     if not Path(data).is_file():
         raise ValueError(f"data: no data yaml at {data}")
@@ -70,11 +76,38 @@ def train_detector(
         "verbose": False,
     }
     args.update(extra or {})
+    if on_progress is not None:
+        yolo.add_callback("on_train_batch_end", _batch_reporter(on_progress))
     yolo.train(**args)
     best = out / "weights" / "best.pt"
     if not best.is_file():
         raise RuntimeError(f"training finished without {best}")
     return best
+
+
+def _batch_reporter(on_progress: Callable[[int, int, str], None]) -> Callable[[Any], None]:
+    """An ultralytics ``on_train_batch_end`` callback feeding ``on_progress``."""
+    state = {"done": 0}
+
+    def report(trainer: Any) -> None:
+        state["done"] += 1
+        batches = max(len(getattr(trainer, "train_loader", None) or ()), 1)
+        total = max(int(trainer.epochs) * batches, state["done"])
+        loss = getattr(trainer, "tloss", None)  # running mean per loss term (a dict, or a tensor)
+        terms = loss.values() if isinstance(loss, dict) else [] if loss is None else [loss]
+        try:
+            mean = (
+                sum(float(t.sum()) if hasattr(t, "sum") else float(t) for t in terms)
+                if terms
+                else float("nan")
+            )
+        except (TypeError, ValueError):
+            mean = float("nan")
+        on_progress(
+            state["done"], total, f"epoch {int(trainer.epoch) + 1}/{int(trainer.epochs)} loss {mean:.3f}"
+        )
+
+    return report
 
 
 def export_model_folder(

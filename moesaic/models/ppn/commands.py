@@ -134,11 +134,15 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
     )
 
-    def progress(step: int, total: int, loss: float) -> None:
-        if step % max(1, total // 20) == 0 or step == total:
-            print(f"step {step}/{total} loss {loss:.4f}", flush=True)
+    from moesaic.runtime.progress import TrainingProgress
 
-    result = train(config, progress)
+    with TrainingProgress(f"train ppn {args.task}", total=args.steps) as bar:
+
+        def progress(step: int, total: int, loss: float) -> None:
+            bar.total = total
+            bar.advance(step - bar.done, note=f"step {step}/{total} loss {loss:.4f}")
+
+        result = train(config, progress)
     out = Path(args.out or f"models/ppn-{args.task}-{args.size}")
     write_model_folder(out, result, config, command="moesaic " + shlex.join(sys.argv[1:]))
     shown = {k: round(v, 4) for k, v in result.metrics.items()}
