@@ -41,6 +41,7 @@ class TrainingProgress:
         self._started = time.monotonic()
         self._next_line = 0.1
         self._shown = -1  # work done at the last line printed
+        self._first: tuple[float, int] | None = None  # (time, work done) at the first advance
         self._bar: Any = None
         self._task: Any = None
 
@@ -79,14 +80,20 @@ class TrainingProgress:
             self._line()  # where it stopped (an early end, an error)
 
     def eta_s(self) -> float:
-        """Seconds left at the pace so far (inf before the first unit)."""
+        """Seconds left at the pace since the first unit (set-up time before it, such as loading
+        data, does not count); the pace from the start until a second unit is done."""
         if self.done == 0:
             return float("inf")
-        elapsed = time.monotonic() - self._started
-        return elapsed / self.done * (self.total - self.done)
+        now = time.monotonic()
+        if self._first is not None and self.done > self._first[1]:
+            at, done = self._first
+            return (now - at) / (self.done - done) * (self.total - self.done)
+        return (now - self._started) / self.done * (self.total - self.done)
 
     def advance(self, units: int = 1, *, note: str = "") -> None:
         self.done = min(self.done + units, self.total)
+        if self._first is None:
+            self._first = (time.monotonic(), self.done)
         self.note = note or self.note
         if self._bar is not None:
             self._bar.update(self._task, completed=self.done, note=self.note)
