@@ -41,6 +41,7 @@ from moesaic.ingest.topics import (
     ONLINE,
     SensorKind,
     error_topic,
+    lidar_format_of,
     parse_sensor_topic,
     result_image_topic,
     result_topic,
@@ -191,12 +192,14 @@ class Bridge:
             return
         self.stats.received += 1
         try:
-            self._accept(sensor_id, kind, message)
+            self._accept(sensor_id, kind, message, lidar_format_of(topic))
         except Exception as exc:  # each message has its own error boundary: the bridge lives on
             error = describe(exc)
             self._report_error(sensor_id, error["reason"], error["message"])
 
-    def _accept(self, sensor_id: str, kind: SensorKind, message: aiomqtt.Message) -> None:
+    def _accept(
+        self, sensor_id: str, kind: SensorKind, message: aiomqtt.Message, lidar_format: str | None = None
+    ) -> None:
         payload = (
             message.payload
             if isinstance(message.payload, bytes | bytearray)
@@ -209,6 +212,7 @@ class Bridge:
                 payload,
                 max_bytes=self.config.max_payload_bytes,
                 max_pixels=self.config.max_image_pixels,
+                lidar_format=lidar_format,
             )
         except PayloadError as exc:
             self._report_error(sensor_id, exc.reason, str(exc))

@@ -1,14 +1,18 @@
 """Decoding of MQTT sensor payloads into frames the coordinator accepts.
 
-A LiDAR payload is raw little-endian float32 records x, y, z, intensity (the KITTI ``.bin``
-layout) or a ``moesaic.v1.SensorFrame``; a camera payload is JPEG or PNG bytes or a
-SensorFrame. Anything else raises :class:`PayloadError` with a short machine-readable
-``reason`` (published on the error topic and counted) and a human-readable message.
+A LiDAR payload is a ``moesaic.v1.SensorFrame`` (its ``encoding`` names the point format) or
+raw little-endian float32 records in a format the topic declares (``lidar_format``:
+``kitti-f32x4`` = x, y, z, intensity; ``nuscenes-f32x5`` = the same plus the ring index); raw
+records with no declared format are refused (``format_undeclared``), never guessed. A camera
+payload is JPEG or PNG bytes or a SensorFrame. Anything else raises :class:`PayloadError`
+with a short machine-readable ``reason`` (published on the error topic and counted) and a
+human-readable message.
 
 >>> import numpy as np
->>> frame = decode_payload("s0", "lidar", np.zeros((3, 4), "<f4").tobytes(), received=0.0)
+>>> scan = np.zeros((3, 5), "<f4").tobytes()
+>>> frame = decode_payload("s0", "lidar", scan, received=0.0, lidar_format="nuscenes-f32x5")
 >>> frame.points.fields, len(frame.points.data)
-(4, 48)
+(5, 60)
 """
 
 from __future__ import annotations
@@ -70,8 +74,13 @@ def decode_payload(
     received: float | None = None,
     max_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    lidar_format: str | None = None,
 ) -> Frame:
-    """Decode one payload of a ``kind`` sensor; :class:`PayloadError` when it is malformed."""
+    """Decode one payload of a ``kind`` sensor; :class:`PayloadError` when it is malformed.
+
+    ``lidar_format``: the raw point format the payload's topic declares (``kitti-f32x4`` or
+    ``nuscenes-f32x5``); a SensorFrame's encoding must agree with it.
+    """
     received = time.monotonic() if received is None else received
     if not payload:
         raise PayloadError("empty", f"{kind} payload is empty")
@@ -80,9 +89,22 @@ def decode_payload(
     frame = Frame(sensor_id, kind, received, timestamp=time.time(), size=len(payload))
     envelope = _sensor_frame(payload, kind)
     if envelope is not None:
+        if lidar_format is not None and envelope.encoding != lidar_format:
+            raise PayloadError(
+                "wrong_encoding",
+                f"SensorFrame.encoding {envelope.encoding!r} on a topic declaring {lidar_format!r}",
+            )
         _apply_envelope(frame, envelope, max_pixels)
     elif kind == "lidar":
-        frame.points = _point_cloud(payload, fields=4)
+        if lidar_format not in _LIDAR_FIELDS:
+            raise PayloadError(
+                "format_undeclared",
+                f"raw point cloud from sensor {sensor_id!r} without a declared format: publish it on "
+                f"moesaic/v1/sensors/{sensor_id}/lidar/kitti-f32x4 (x, y, z, intensity) or "
+                ".../lidar/nuscenes-f32x5 (x, y, z, intensity, ring), or as a moesaic.v1.SensorFrame "
+                "whose encoding names the format",
+            )
+        frame.points = _point_cloud(payload, fields=_LIDAR_FIELDS[lidar_format])
     else:
         frame.image = _encoded_image(payload, max_pixels=max_pixels)
     return frame

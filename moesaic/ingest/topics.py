@@ -3,7 +3,9 @@
 ===========================================  ====  =======  =========================================
 topic                                        qos   retain   payload
 ===========================================  ====  =======  =========================================
-``moesaic/v1/sensors/{sensor_id}/lidar``     any   no       KITTI float32 x,y,z,i records or SensorFrame
+``moesaic/v1/sensors/{sensor_id}/lidar``     any   no       SensorFrame (its encoding says the format)
+``moesaic/v1/sensors/{id}/lidar/{format}``   any   no       raw float32 records: ``kitti-f32x4`` (x, y,
+                                                            z, i) or ``nuscenes-f32x5`` (+ ring index)
 ``moesaic/v1/sensors/{sensor_id}/camera``    any   no       JPEG / PNG bytes or SensorFrame
 ``moesaic/v1/results/{sensor_id}/{task}``    1     no       result JSON
 ``moesaic/v1/results/{sensor_id}/{task}/png`` 1    no       PNG of a BEV grid (segmentation classes)
@@ -15,8 +17,14 @@ topic                                        qos   retain   payload
 'moesaic/v1/results/s0/detection'
 >>> parse_sensor_topic("moesaic/v1/sensors/s0/lidar")
 ('s0', 'lidar')
->>> sensor_subscriptions(group="fleet")
-['$share/fleet/moesaic/v1/sensors/+/lidar', '$share/fleet/moesaic/v1/sensors/+/camera']
+>>> lidar_format_of("moesaic/v1/sensors/s0/lidar/nuscenes-f32x5")
+'nuscenes-f32x5'
+>>> sensor_subscriptions(group="fleet")[:2]
+['$share/fleet/moesaic/v1/sensors/+/lidar', '$share/fleet/moesaic/v1/sensors/+/lidar/+']
+
+A raw point cloud has no header saying how many floats make a point, so its format is part of
+its topic (or of its SensorFrame's ``encoding``); raw bytes on the bare ``lidar`` topic are
+refused with an error naming both ways, never guessed.
 >>> parse_result_topic("moesaic/v1/results/s0/bev_segmentation/png")
 ('s0', 'bev_segmentation', True)
 """
@@ -27,12 +35,14 @@ import re
 from typing import Literal, get_args
 
 __all__ = [
+    "LIDAR_FORMATS",
     "OFFLINE",
     "ONLINE",
     "PREFIX",
     "SENSOR_KINDS",
     "SensorKind",
     "error_topic",
+    "lidar_format_of",
     "monitor_subscriptions",
     "parse_error_topic",
     "parse_result_topic",
@@ -49,6 +59,9 @@ __all__ = [
 PREFIX = "moesaic/v1"
 SensorKind = Literal["lidar", "camera"]
 SENSOR_KINDS: tuple[SensorKind, ...] = get_args(SensorKind)
+LIDAR_FORMATS = ("kitti-f32x4", "nuscenes-f32x5")
+"""Raw point-cloud layouts, as topic level and SensorFrame encoding: float32 x, y, z, intensity
+(KITTI ``.bin``), and the same plus the ring index (nuScenes ``.pcd.bin``)."""
 
 _SEGMENT = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 ONLINE = "online"
@@ -65,11 +78,16 @@ def validate_segment(value: str, what: str) -> str:
     return value
 
 
-def sensor_topic(sensor_id: str, kind: SensorKind) -> str:
-    """Where a sensor publishes its frames."""
+def sensor_topic(sensor_id: str, kind: SensorKind, lidar_format: str | None = None) -> str:
+    """Where a sensor publishes its frames; raw LiDAR scans name their ``lidar_format``."""
     if kind not in SENSOR_KINDS:
         raise ValueError(f"sensor kind {kind!r}: expected one of {SENSOR_KINDS}")
-    return f"{PREFIX}/sensors/{validate_segment(sensor_id, 'sensor id')}/{kind}"
+    topic = f"{PREFIX}/sensors/{validate_segment(sensor_id, 'sensor id')}/{kind}"
+    if lidar_format is None:
+        return topic
+    if kind != "lidar" or lidar_format not in LIDAR_FORMATS:
+        raise ValueError(f"lidar format {lidar_format!r}: expected one of {LIDAR_FORMATS} on a lidar topic")
+    return f"{topic}/{lidar_format}"
 
 
 def result_topic(sensor_id: str, task: str) -> str:
@@ -93,12 +111,27 @@ def error_topic(sensor_id: str) -> str:
 
 
 def parse_sensor_topic(topic: str) -> tuple[str, SensorKind]:
-    """``(sensor_id, kind)`` of a sensor topic; ``ValueError`` naming the topic otherwise."""
+    """``(sensor_id, kind)`` of a sensor topic (``.../lidar/{format}`` included); ``ValueError``
+    naming the topic otherwise."""
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:3]) != f"{PREFIX}/sensors" or parts[4] not in SENSOR_KINDS:
-        raise ValueError(f"topic {topic!r} is not {PREFIX}/sensors/{{sensor_id}}/{{lidar|camera}}")
+    declared = len(parts) == 6 and parts[4] == "lidar" and parts[5] in LIDAR_FORMATS
+    if (
+        not (len(parts) == 5 or declared)
+        or "/".join(parts[:3]) != f"{PREFIX}/sensors"
+        or parts[4] not in SENSOR_KINDS
+    ):
+        raise ValueError(
+            f"topic {topic!r} is not {PREFIX}/sensors/{{sensor_id}}/{{lidar|camera}} or "
+            f"{PREFIX}/sensors/{{sensor_id}}/lidar/{{{'|'.join(LIDAR_FORMATS)}}}"
+        )
     validate_segment(parts[3], "sensor id")
     return parts[3], parts[4]
+
+
+def lidar_format_of(topic: str) -> str | None:
+    """The raw point-cloud format a sensor topic declares (``.../lidar/{format}``), else None."""
+    parts = topic.split("/")
+    return parts[5] if len(parts) == 6 and parts[4] == "lidar" and parts[5] in LIDAR_FORMATS else None
 
 
 def sensor_subscriptions(group: str | None = None, sensors: tuple[str, ...] = ()) -> list[str]:
@@ -108,7 +141,7 @@ def sensor_subscriptions(group: str | None = None, sensors: tuple[str, ...] = ()
     gives each message to one subscriber of the group.
     """
     ids = [validate_segment(s, "sensor id") for s in sensors] or ["+"]
-    filters = [f"{PREFIX}/sensors/{s}/{kind}" for s in ids for kind in SENSOR_KINDS]
+    filters = [f"{PREFIX}/sensors/{s}/{level}" for s in ids for level in ("lidar", "lidar/+", "camera")]
     if group:
         validate_segment(group, "group")
         filters = [f"$share/{group}/{f}" for f in filters]

@@ -138,7 +138,9 @@ async def test_the_event_stream_delivers_results_images_frames_statuses_and_node
                     async with aiomqtt.Client("127.0.0.1", mosquitto.port) as sensor:
                         for i in range(1, 4):
                             scan = np.random.default_rng(i).uniform(-20, 20, (500, 4)).astype("<f4")
-                            await sensor.publish("moesaic/v1/sensors/roof/lidar", scan.tobytes(), qos=1)
+                            await sensor.publish(
+                                "moesaic/v1/sensors/roof/lidar/kitti-f32x4", scan.tobytes(), qos=1
+                            )
                             frame = moesaic_pb2.SensorFrame(
                                 frame_id=i,
                                 encoding="jpeg",

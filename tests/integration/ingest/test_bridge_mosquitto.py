@@ -28,6 +28,10 @@ pytestmark = [pytest.mark.mqtt, pytest.mark.timeout(60)]
 KITTI_SCAN = REAL_DATA / "kitti_000008.bin"
 
 
+KITTI_TOPIC = "moesaic/v1/sensors/{sensor}/lidar/kitti-f32x4"
+"""Raw float32 x, y, z, intensity records declare their format in the topic."""
+
+
 def scan_bytes(n: int = 1000, seed: int = 0) -> bytes:
     rng = np.random.default_rng(seed)
     return rng.uniform(-20, 20, size=(n, 4)).astype("<f4").tobytes()
@@ -130,7 +134,7 @@ async def test_mosquitto_pub_kitti_scan_gives_json_result(mosquitto, echo_coordi
                 "-p",
                 str(mosquitto.port),
                 "-t",
-                "moesaic/v1/sensors/s0/lidar",
+                KITTI_TOPIC.format(sensor="s0"),
                 "-f",
                 str(scan),
             ],
@@ -150,6 +154,19 @@ async def test_mosquitto_pub_kitti_scan_gives_json_result(mosquitto, echo_coordi
     [request] = servicer.requests
     assert request.points.data == scan.read_bytes() and request.points.fields == 4
     assert request.sensor_id == "s0"
+
+
+async def test_a_raw_nuscenes_scan_on_its_declared_topic_keeps_five_floats(mosquitto, echo_coordinator):
+    scan = np.random.default_rng(1).uniform(-20, 20, (300, 5)).astype("<f4").tobytes()
+    async with (
+        echo_coordinator() as (servicer, address),
+        running_bridge(config_for(mosquitto, address)),
+        collecting(mosquitto.url, "moesaic/v1/results/#") as results,
+    ):
+        await publish(mosquitto.url, ("moesaic/v1/sensors/roof/lidar/nuscenes-f32x5", scan))
+        await results.wait_for("moesaic/v1/results/roof/bev_segmentation")
+    request = servicer.requests[0]
+    assert request.points.fields == 5 and request.points.data == scan
 
 
 async def test_camera_jpeg_and_sensor_frames_carry_budget_and_ids(mosquitto, echo_coordinator):
@@ -190,8 +207,13 @@ async def test_camera_jpeg_and_sensor_frames_carry_budget_and_ids(mosquitto, ech
     ("topic", "payload", "reason"),
     [
         ("moesaic/v1/sensors/bad/lidar", b"", "empty"),
-        ("moesaic/v1/sensors/bad/lidar", b"\x00" * 15, "bad_points"),
-        ("moesaic/v1/sensors/bad/lidar", np.array([np.nan, 0, 0, 0], "<f4").tobytes(), "bad_points"),
+        ("moesaic/v1/sensors/bad/lidar/kitti-f32x4", b"\x00" * 15, "bad_points"),
+        (
+            "moesaic/v1/sensors/bad/lidar/kitti-f32x4",
+            np.array([np.nan, 0, 0, 0], "<f4").tobytes(),
+            "bad_points",
+        ),
+        ("moesaic/v1/sensors/bad/lidar", scan_bytes(), "format_undeclared"),  # raw, format not declared
         ("moesaic/v1/sensors/bad/camera", b"this is not an image", "bad_image"),
         ("moesaic/v1/sensors/bad/camera", b"\xff\xd8\xff" + b"\x00" * 64, "bad_image"),
         ("moesaic/v1/sensors/bad/camera", png_bomb(), "too_many_pixels"),
@@ -213,7 +235,7 @@ async def test_garbage_payload_goes_to_error_topic_and_counter(
         await publish(mosquitto.url, (topic, payload), (topic, payload))
         errors = await out.wait_for("moesaic/v1/errors/bad", count=2)
         # the bridge is still serving: a good frame after the garbage gets its result
-        await publish(mosquitto.url, ("moesaic/v1/sensors/good/lidar", scan_bytes()))
+        await publish(mosquitto.url, (KITTI_TOPIC.format(sensor="good"), scan_bytes()))
         await out.wait_for("moesaic/v1/results/good/bev_segmentation")
     bodies = [json.loads(m.payload) for m in errors]  # type: ignore[arg-type]
     assert [b["reason"] for b in bodies] == [reason, reason]
@@ -244,7 +266,7 @@ async def test_coordinator_error_is_reported_not_raised(mosquitto, echo_coordina
 async def test_coordinator_down_is_reported(mosquitto):
     config = config_for(mosquitto, "127.0.0.1:1", request_timeout_s=2.0)
     async with running_bridge(config), collecting(mosquitto.url, "moesaic/v1/errors/#") as out:
-        await publish(mosquitto.url, ("moesaic/v1/sensors/s0/lidar", scan_bytes()))
+        await publish(mosquitto.url, (KITTI_TOPIC.format(sensor="s0"), scan_bytes()))
         [error] = await out.wait_for("moesaic/v1/errors/s0")
     assert json.loads(error.payload)["reason"] == "coordinator_unavailable"  # type: ignore[arg-type]
 
@@ -283,7 +305,7 @@ async def test_bridge_reconnects_after_broker_restart(mosquitto, echo_coordinato
         running_bridge(config_for(mosquitto, address)) as bridge,
     ):
         async with collecting(mosquitto.url, "moesaic/v1/results/#") as out:
-            await publish(mosquitto.url, ("moesaic/v1/sensors/s0/lidar", scan_bytes()))
+            await publish(mosquitto.url, (KITTI_TOPIC.format(sensor="s0"), scan_bytes()))
             await out.wait_for("moesaic/v1/results/s0/bev_segmentation")
         mosquitto.kill()
         await asyncio.sleep(0.5)
@@ -291,7 +313,7 @@ async def test_bridge_reconnects_after_broker_restart(mosquitto, echo_coordinato
         mosquitto.start()
         await asyncio.wait_for(bridge.connected.wait(), timeout=15)
         async with collecting(mosquitto.url, "moesaic/v1/results/#", "moesaic/v1/status/#") as out:
-            await publish(mosquitto.url, ("moesaic/v1/sensors/s0/lidar", scan_bytes()))
+            await publish(mosquitto.url, (KITTI_TOPIC.format(sensor="s0"), scan_bytes()))
             await out.wait_for("moesaic/v1/results/s0/bev_segmentation")
             [status] = await out.wait_for("moesaic/v1/status/ingest")
     assert bridge.stats.connects == 2
@@ -405,7 +427,7 @@ async def test_a_bridge_ending_abnormally_leaves_its_status_offline(mosquitto, e
         bridge._on_message = broken  # type: ignore[method-assign]
         task = asyncio.create_task(bridge.run())
         await asyncio.wait_for(bridge.connected.wait(), timeout=10)
-        await publish(mosquitto.url, ("moesaic/v1/sensors/s0/lidar", scan_bytes()))
+        await publish(mosquitto.url, (KITTI_TOPIC.format(sensor="s0"), scan_bytes()))
         with pytest.raises(RuntimeError, match="injected"):
             await asyncio.wait_for(task, timeout=10)
     async with collecting(mosquitto.url, "moesaic/v1/status/#") as out:

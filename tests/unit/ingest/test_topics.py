@@ -59,3 +59,63 @@ def test_monitor_subscriptions() -> None:
         "moesaic/v1/errors/+",
     ]
     assert monitor_subscriptions()[-1] == "moesaic/v1/sensors/+/camera"
+
+
+# ---------------------------------------------------------------- raw point clouds declare their format
+
+
+def test_lidar_topics_declare_the_raw_format() -> None:
+    from moesaic.ingest.topics import lidar_format_of, parse_sensor_topic, sensor_subscriptions, sensor_topic
+
+    assert sensor_topic("roof", "lidar", "nuscenes-f32x5") == "moesaic/v1/sensors/roof/lidar/nuscenes-f32x5"
+    assert parse_sensor_topic("moesaic/v1/sensors/roof/lidar/kitti-f32x4") == ("roof", "lidar")
+    assert lidar_format_of("moesaic/v1/sensors/roof/lidar/kitti-f32x4") == "kitti-f32x4"
+    assert lidar_format_of("moesaic/v1/sensors/roof/lidar") is None
+    assert "moesaic/v1/sensors/+/lidar/+" in sensor_subscriptions()
+    for bad in ("moesaic/v1/sensors/roof/lidar/xyz", "moesaic/v1/sensors/roof/camera/kitti-f32x4"):
+        with pytest.raises(ValueError, match="is not"):
+            parse_sensor_topic(bad)
+    with pytest.raises(ValueError, match="lidar format"):
+        sensor_topic("roof", "camera", "kitti-f32x4")
+
+
+@pytest.mark.parametrize(
+    ("fields", "declared", "outcome"),
+    [
+        (4, "kitti-f32x4", 4),
+        (5, "nuscenes-f32x5", 5),
+        (5, None, "format_undeclared"),  # a nuScenes scan is never silently read as KITTI
+        (4, None, "format_undeclared"),
+        (5, "kitti-f32x4", "bad_points"),  # 7 points x 5 floats is not whole 4-float records
+    ],
+)
+def test_raw_points_need_a_declared_format(fields: int, declared: str | None, outcome: object) -> None:
+    import numpy as np
+
+    from moesaic.ingest.payloads import PayloadError, decode_payload
+
+    scan = np.arange(7 * fields, dtype="<f4").tobytes()
+    if isinstance(outcome, int):
+        frame = decode_payload("s0", "lidar", scan, received=0.0, lidar_format=declared)
+        assert frame.points is not None and frame.points.fields == outcome
+        return
+    with pytest.raises(PayloadError) as info:
+        decode_payload("s0", "lidar", scan, received=0.0, lidar_format=declared)
+    assert info.value.reason == outcome
+    if outcome == "format_undeclared":
+        assert "moesaic/v1/sensors/s0/lidar/kitti-f32x4" in str(info.value) and "SensorFrame" in str(
+            info.value
+        )
+
+
+def test_a_sensor_frame_must_agree_with_its_topic() -> None:
+    import numpy as np
+
+    from moesaic.ingest.payloads import PayloadError, decode_payload
+    from moesaic.proto import moesaic_pb2
+
+    data = np.zeros((3, 5), "<f4").tobytes()
+    frame = moesaic_pb2.SensorFrame(encoding="nuscenes-f32x5", data=data).SerializeToString()
+    assert decode_payload("s0", "lidar", frame, received=0.0).points.fields == 5  # type: ignore[union-attr]
+    with pytest.raises(PayloadError, match="on a topic declaring 'kitti-f32x4'"):
+        decode_payload("s0", "lidar", frame, received=0.0, lidar_format="kitti-f32x4")
