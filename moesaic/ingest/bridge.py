@@ -79,7 +79,9 @@ class Bridge:
         self.metrics = metrics or Metrics(component="ingest")
         self.stats = BridgeStats()
         self.connected = asyncio.Event()
-        self._coordinator = CoordinatorClient(config.coordinator, timeout_s=config.request_timeout_s)
+        self._coordinator = CoordinatorClient(
+            config.coordinator, timeout_s=config.request_timeout_s, tls=config.coordinator_tls
+        )
         self._client: aiomqtt.Client | None = None
         self._queues: dict[tuple[str, SensorKind], LatestQueue[Frame]] = {}
         self._workers: dict[tuple[str, SensorKind], asyncio.Task[None]] = {}

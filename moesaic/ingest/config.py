@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moesaic.config import load_model
 from moesaic.ingest.topics import SensorKind, validate_segment
+from moesaic.rpc import TlsConfig
 
 __all__ = [
     "BrokerAddress",
@@ -153,6 +154,9 @@ class IngestConfig(_Strict):
     group: str | None = Field(default=None, description="shared-subscription group ($share/GROUP/...)")
     sensors_filter: tuple[str, ...] = Field(default=(), description="only these sensor ids (default all)")
     coordinator: str = Field(default="127.0.0.1:8500", description="coordinator gRPC address HOST:PORT")
+    coordinator_tls: TlsConfig | None = Field(
+        default=None, description="client TLS towards the coordinator: {ca, cert, key, server_name}"
+    )
     request_timeout_s: float = Field(default=10.0, gt=0, description="deadline of one Perceive call")
     max_in_flight: int = Field(default=8, ge=1, description="Perceive calls in flight across all sensors")
     queue_depth: int = Field(default=1, ge=1, description="frames kept per sensor stream (oldest dropped)")

@@ -1,10 +1,12 @@
-"""The bridge's gRPC client of ``moesaic.v1.Coordinator`` (unary Perceive with a deadline)."""
+"""The bridge's gRPC client of ``moesaic.v1.Coordinator`` (unary Perceive with a deadline), over
+TLS or mutual TLS like every other moesaic client (``tls``: :class:`~moesaic.rpc.TlsConfig`)."""
 
 from __future__ import annotations
 
 import grpc
 
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
+from moesaic.rpc import TlsConfig, create_channel
 
 __all__ = ["CoordinatorClient"]
 
@@ -19,24 +21,15 @@ class CoordinatorClient:
     ...         return await client.perceive(request)
     """
 
-    def __init__(
-        self, address: str, *, timeout_s: float = 10.0, credentials: grpc.ChannelCredentials | None = None
-    ) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 10.0, tls: TlsConfig | None = None) -> None:
         self.address = address
         self.timeout_s = timeout_s
-        self._credentials = credentials
+        self.tls = tls
         self._channel: grpc.aio.Channel | None = None
         self._stub: moesaic_pb2_grpc.CoordinatorStub | None = None
 
     async def __aenter__(self) -> CoordinatorClient:
-        options = [
-            ("grpc.max_receive_message_length", _MAX_MESSAGE),
-            ("grpc.max_send_message_length", _MAX_MESSAGE),
-        ]
-        if self._credentials is not None:
-            self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=options)
-        else:
-            self._channel = grpc.aio.insecure_channel(self.address, options=options)
+        self._channel = create_channel(self.address, tls=self.tls, max_message_bytes=_MAX_MESSAGE)
         self._stub = moesaic_pb2_grpc.CoordinatorStub(self._channel)
         return self
 
