@@ -41,6 +41,7 @@ __all__ = [
     "BevMode",
     "BevRingBuffer",
     "TorchBevRingBuffer",
+    "bev_image",
     "check_points",
     "multi_channel",
     "ppn_occupancy",
@@ -85,14 +86,6 @@ class BevGrid:
     def layers(self) -> int:
         """Voxel layers along z."""
         return round((self.z_range[1] - self.z_range[0]) / self.resolution)
-
-    def cell_centers(self) -> tuple[np.ndarray, np.ndarray]:
-        """x and y of every cell centre, each of shape :attr:`shape`."""
-        nx, ny = self.shape
-        xs = self.x_range[0] + (np.arange(nx) + 0.5) * self.resolution
-        ys = self.y_range[0] + (np.arange(ny) + 0.5) * self.resolution
-        gx, gy = np.meshgrid(xs, ys, indexing="ij")
-        return gx, gy
 
 
 #: The reference PPN grid: 0.2 m, 1000 x 1000, z in [-5, 5) m with 50 layers.
@@ -149,6 +142,20 @@ def _first_at_or_above(fn: Callable[[np.ndarray], np.ndarray], limit: float) -> 
 #: values (negative ones, -0.0 and NaN fall outside as unsigned integers).
 _PPN_Z_TOP_BITS = _first_at_or_above(lambda z: z / _F32(0.2) + _F32(25.0), 50.0)
 _BITS_999 = np.array(999.0, _F32).view(np.uint32)[()]
+
+
+def bev_image(grid: np.ndarray) -> np.ndarray:
+    """A BEV grid indexed ``[ix, iy]`` (x forward, y left) as image rows and columns, the one
+    orientation every picture of a grid uses (``moesaic bev``, the bridge's ``/png`` topic):
+    a map seen from above with the vehicle heading up, its left on the image's left. Rows from
+    the top are decreasing x, columns from the left decreasing y; any channels after the first
+    two axes are kept.
+
+    >>> g = np.zeros((3, 3), np.uint8); g[2, 2] = 1       # front-left corner cell
+    >>> np.argwhere(bev_image(g)).tolist()                 # top-left pixel
+    [[0, 0]]
+    """
+    return np.ascontiguousarray(np.asarray(grid)[::-1, ::-1])
 
 
 def check_points(points: Any, name: str = "points") -> np.ndarray:
