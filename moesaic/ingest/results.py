@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from moesaic.datasets.bev import bev_image
 from moesaic.ingest.payloads import Frame
 from moesaic.proto import moesaic_pb2
 from moesaic.runtime.engine import dtype_of
@@ -155,7 +156,11 @@ def result_json(
 
 
 def grid_png(response: moesaic_pb2.PerceiveResponse) -> bytes | None:
-    """A PNG of a grid result (palette colours per class, or greyscale 0..1), None for other outputs."""
+    """A PNG of a grid result (palette colours per class, or greyscale 0..1), None for other outputs.
+
+    Grids are ``[ix, iy]`` BEV cells; the picture has the one BEV orientation of
+    :func:`~moesaic.datasets.bev.bev_image` (forward up, left on the left), as ``moesaic bev``.
+    """
     if response.WhichOneof("output") != "grid":
         return None
     from PIL import Image
@@ -163,7 +168,7 @@ def grid_png(response: moesaic_pb2.PerceiveResponse) -> bytes | None:
     array = grid_array(response.grid)
     classes = segmentation_classes(array)
     if classes is not None:
-        rgb = _PALETTE[classes.astype(np.int64) % len(_PALETTE)]
+        rgb = _PALETTE[bev_image(classes).astype(np.int64) % len(_PALETTE)]
         image = Image.fromarray(rgb, "RGB")
     else:
         plane = (
@@ -173,7 +178,7 @@ def grid_png(response: moesaic_pb2.PerceiveResponse) -> bytes | None:
         )
         if plane is None:
             return None
-        scaled = np.clip(plane.astype(np.float32), 0.0, 1.0) * 255.0
+        scaled = np.clip(bev_image(plane).astype(np.float32), 0.0, 1.0) * 255.0
         image = Image.fromarray(scaled.astype(np.uint8), "L")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", optimize=False, compress_level=1)

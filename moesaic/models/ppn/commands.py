@@ -22,7 +22,7 @@ __all__ = ["register", "register_train"]
 def _render(scan: Path, out: Path, mode: str, resolution: float, extent: float) -> None:
     from PIL import Image
 
-    from moesaic.datasets.bev import BevGrid, multi_channel, ppn_occupancy
+    from moesaic.datasets.bev import BevGrid, bev_image, multi_channel, ppn_occupancy
     from moesaic.datasets.pointcloud import read_points
 
     points = read_points(scan)
@@ -40,9 +40,7 @@ def _render(scan: Path, out: Path, mode: str, resolution: float, extent: float) 
         density = bev[3] / max(float(bev[3].max()), 1e-6)
         rgb = (np.stack([height, intensity, density], -1) * 255).astype(np.uint8)
         rgb[~occupied] = 0
-    # [ix, iy] with x forward -> image rows from the top = +x, columns from the left = +y
-    rgb = rgb[::-1, ::-1]
-    Image.fromarray(np.ascontiguousarray(rgb)).save(out)
+    Image.fromarray(bev_image(rgb)).save(out)  # forward up, left on the left, as the bridge's /png
 
 
 def _bev(args: argparse.Namespace) -> int:
