@@ -115,7 +115,7 @@ async def _serve(config: Any) -> int:
 def run_install_units(args: argparse.Namespace) -> int:
     """Entry point of ``moesaic install-units``."""
     from moesaic.ingest.config import load_config
-    from moesaic.ingest.units import load_units_config, render_units
+    from moesaic.ingest.units import load_units_config, render_units, unreachable_paths
 
     executable = args.executable or _this_executable()
     try:
@@ -138,6 +138,8 @@ def run_install_units(args: argparse.Namespace) -> int:
         path = args.prefix / name
         path.write_text(text)
         print(f"wrote {path}")
+    for warning in unreachable_paths(config):
+        print(f"moesaic install-units: warning: {warning}", file=sys.stderr)
     print(
         "next: systemctl daemon-reload && "
         "systemctl enable --now moesaic-node@NAME moesaic-coordinator moesaic-ingest"

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moesaic.config import load_model
 
-__all__ = ["UNIT_NAMES", "UnitsConfig", "load_units_config", "render_units"]
+__all__ = ["UNIT_NAMES", "UnitsConfig", "load_units_config", "render_units", "unreachable_paths"]
 
 UNIT_NAMES = ("moesaic-node@.service", "moesaic-coordinator.service", "moesaic-ingest.service")
 
@@ -83,11 +83,47 @@ def load_units_config(path: Path | None = None, **overrides: object) -> UnitsCon
     return load_model(UnitsConfig, path, what="units config", **overrides)
 
 
+_PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+_HOMES = (Path("/home"), Path("/root"), Path("/run/user"))
+
+
+def _protect_home(config: UnitsConfig) -> str:
+    return "read-only" if str(config.executable).startswith(("/home/", "/root/")) else "yes"
+
+
+def unreachable_paths(config: UnitsConfig) -> list[str]:
+    """Warnings, one per path the units name that the service cannot reach in its sandbox:
+    anything under /tmp or /var/tmp (``PrivateTmp=yes`` gives the service its own, empty /tmp)
+    and, with ``ProtectHome=yes``, anything under /home, /root or /run/user."""
+    paths = [("ExecStart", config.executable), ("config_dir", config.config_dir)]
+    paths += [
+        (f"credential {name} ({kind})", path)
+        for kind, items in config.credentials.items()
+        for name, path in items.items()
+    ]
+    warnings = []
+    for what, path in paths:
+        tmp = next((t for t in _PRIVATE_TMP if path == t or t in path.parents), None)
+        if tmp is not None:
+            warnings.append(
+                f"{what} {path} is under {tmp}: the units "
+                "set PrivateTmp=yes, so the service sees its own empty /tmp and cannot reach it (a missing "
+                "ExecStart fails with status 203/EXEC); install or copy it elsewhere, e.g. /opt/moesaic or "
+                "/etc/moesaic"
+            )
+        elif _protect_home(config) == "yes" and any(home in path.parents for home in _HOMES):
+            warnings.append(
+                f"{what} {path} is under a home directory: the units set ProtectHome=yes, so the service "
+                "cannot read it; move it to e.g. /opt/moesaic or /etc/moesaic"
+            )
+    return warnings
+
+
 def _hardening(config: UnitsConfig, *, node: bool) -> str:
     """Sandboxing of one unit. Nodes differ: GPUs and Jetson rails need /dev, sysfs and /proc, and
     CUDA and ONNX Runtime's JIT need writable executable memory (no MemoryDenyWriteExecute)."""
     who = f"User={config.user}\nGroup={config.user}" if config.user else "DynamicUser=yes"
-    protect_home = "read-only" if str(config.executable).startswith(("/home/", "/root/")) else "yes"
+    protect_home = _protect_home(config)
     if node:
         specific = ["# GPUs and Jetson power rails need /dev and sysfs; only their devices are allowed."]
         specific.append("PrivateDevices=no")

@@ -161,3 +161,30 @@ def test_units_restrict_ip_addresses_and_node_devices() -> None:
     open_units = render_units(UnitsConfig(allow_ips=[], node_devices=[]))
     assert all("IPAddress" not in text for text in open_units.values())
     assert "DevicePolicy" not in open_units["moesaic-node@.service"]
+
+
+@pytest.mark.parametrize(
+    ("args", "warned"),
+    [
+        (
+            ["--executable", "/tmp/venv/bin/moesaic"],
+            ["ExecStart /tmp/venv/bin/moesaic is under /tmp", "PrivateTmp=yes"],
+        ),
+        (
+            ["--executable", "/opt/m/bin/moesaic", "--config-dir", "/var/tmp/conf"],
+            ["config_dir /var/tmp/conf is under /var/tmp"],
+        ),
+        (["--executable", "/opt/m/bin/moesaic", "--config-dir", "/home/me/conf"], ["ProtectHome=yes"]),
+        (["--executable", "/opt/m/bin/moesaic", "--config-dir", "/etc/moesaic"], []),
+    ],
+    ids=["exec-in-tmp", "config-in-var-tmp", "config-in-home", "fine"],
+)
+def test_install_units_warns_about_paths_the_service_cannot_reach(
+    tmp_path: Path, args: list[str], warned: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["install-units", "--prefix", str(tmp_path / "units"), *args]) == 0
+    err = capsys.readouterr().err
+    for text in warned:
+        assert text in err
+    assert ("warning:" in err) == bool(warned)
+    assert len(list((tmp_path / "units").iterdir())) == 3  # the units are written all the same
