@@ -39,7 +39,7 @@ class Metrics:
         )
         self.energy = Counter(
             "moesaic_energy_joules",
-            "Energy spent by expert calls; source is 'measured' or 'estimated'.",
+            "Energy spent by expert calls; source is 'measured' or 'estimate' (one word for it everywhere).",
             ["expert", "source"],
             registry=r,
         )

@@ -102,7 +102,7 @@ class Caller:
             run.energy_measured = res.energy_measured
             self.registry.observe(replica, res, outcome.latency_ms)
         elif outcome.status == "deadline":
-            run.energy_mj += expert.energy_mj  # it may have run: the predicted cost, marked estimated
+            run.energy_mj += expert.energy_mj  # it may have run: the predicted cost, marked as an estimate
             self.registry.observe_timeout(replica, outcome.latency_ms)
         elif outcome.unreachable:
             self.registry.record_failure(replica, outcome.error, unreachable=True)
@@ -111,7 +111,7 @@ class Caller:
         if self.metrics is not None:
             self.metrics.expert_latency.labels(expert=replica.id).observe(outcome.latency_ms / 1e3)
             if outcome.status != "error":
-                source = "measured" if run.energy_measured else "estimated"
+                source = "measured" if run.energy_measured else "estimate"
                 self.metrics.energy.labels(expert=replica.id, source=source).inc(
                     max(run.energy_mj, 0.0) / 1e3
                 )

@@ -6,7 +6,7 @@ The JSON of one result::
      "request_id": "...", "experts": [{"id": "yolo-n", "node": "n0", "model": "yolo-n",
      "weight": 1.0, "latency_ms": 31.2, "energy_mj": 410.0, "energy_measured": false,
      "status": "ok"}], "latency_ms": 35.1, "predicted_latency_ms": 33.0,
-     "energy_mj": 410.0, "predicted_energy_mj": 400.0, "energy_source": "estimated",
+     "energy_mj": 410.0, "predicted_energy_mj": 400.0, "energy_source": "estimate",
      "budget": {"latency_ms": 150.0, "energy_mj": 0.0}, "budget_met": true,
      "budget_reason": "", "feasible": true, "cheapest": {"latency_ms": 20.0, "energy_mj": 150.0},
      "bridge_ms": 36.0, "output": {"type": "detections", "items": [...]}}
@@ -140,7 +140,7 @@ def result_json(
         "predicted_latency_ms": round(response.predicted_latency_ms, 3),
         "energy_mj": round(response.measured_energy_mj, 3),
         "predicted_energy_mj": round(response.predicted_energy_mj, 3),
-        "energy_source": "measured" if response.energy_measured else "estimated",
+        "energy_source": "measured" if response.energy_measured else "estimate",
         "budget": {"latency_ms": applied.latency_ms, "energy_mj": applied.energy_mj},
         "budget_met": response.budget_met,
         "budget_reason": response.budget_reason,

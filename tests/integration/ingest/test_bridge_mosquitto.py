@@ -147,7 +147,7 @@ async def test_mosquitto_pub_kitti_scan_gives_json_result(mosquitto, echo_coordi
     assert body["sensor"] == "s0" and body["task"] == "bev_segmentation" and body["kind"] == "lidar"
     assert body["output"] == {"type": "segmentation", "shape": [8, 8], "class_pixels": {"0": 32, "1": 32}}
     assert body["experts"][0]["id"] == "echo/model" and body["experts"][0]["weight"] == 1.0
-    assert body["budget_met"] is True and body["energy_source"] == "estimated"
+    assert body["budget_met"] is True and body["energy_source"] == "estimate"
     assert body["budget"] == {"latency_ms": 500.0, "energy_mj": 0.0}
     assert message.qos == 1
     assert Image.open(io.BytesIO(image.payload)).size == (8, 8)  # type: ignore[arg-type]
