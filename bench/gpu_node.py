@@ -260,6 +260,7 @@ async def through_node(
     async with NodeClient(address) as node:
         description = await node.describe(timeout=10)
         providers = {m.name: (m.device, m.provider, m.engine) for m in description.models}
+        out["node_idle_watts"] = description.device.idle_watts
         for name in MODELS:
             inputs = {"image": image} if name == "yolo-n" else {"points": scan}
             params = {} if name == "yolo-n" else {"sensor_id": "bench"}
@@ -374,6 +375,7 @@ def main() -> int:
                 for closing in engines:
                     closing.close()
             raw["nodes"][variant] = {"log_tail": log_tail, "engine": engine}
+            raw["nodes"][variant]["node_idle_watts"] = measured.pop("node_idle_watts")
             for name, m in measured.items():
                 base = baselines[name]
                 same = same_outputs(name, m.pop("outputs"), base.reference)

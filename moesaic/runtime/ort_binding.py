@@ -5,10 +5,11 @@ allocated and bound once. A request then costs one copy per input into its bound
 to device for numpy arrays, device to device for torch CUDA tensors, e.g. a BEV grid encoded
 on the GPU), the run, and one copy of the outputs to the host; outputs are bound on the device
 (from ONNX Runtime's arena). With CUDA graphs on (``enable_cuda_graph``), every signature gets
-its own graph id: ONNX Runtime captures the graph on the second run of that signature and
-replays it after; its outputs are then bound to buffers of the shapes seen on the first run,
-so that every address in the graph stays fixed. At most :data:`MAX_SIGNATURES` signatures
-keep graphs; others run without one.
+its own graph id and its outputs are bound, before its first run, to buffers of the shapes the
+graph declares (symbolic dimensions resolved from the inputs' sizes): ONNX Runtime captures the
+graph on that first run and replays it after, reading and writing the same addresses. A
+signature whose output shapes cannot be resolved, or beyond :data:`MAX_SIGNATURES`, runs
+without a graph.
 
 >>> # binding = DeviceBinding(onnxruntime, session, output_names, device_id=0, cuda_graph=True)
 >>> # outputs = binding.run({"images": tensor})
@@ -37,12 +38,11 @@ def is_torch_cuda(value: Any) -> bool:
 class _Bound:
     """One signature's binding: fixed input buffers, outputs bound on the device."""
 
-    def __init__(self, binding: Any, inputs: dict[str, Any], graph_id: int) -> None:
+    def __init__(self, binding: Any, inputs: dict[str, Any], outputs: list[Any], graph_id: int) -> None:
         self.binding = binding
         self.inputs = inputs
-        self.outputs: list[Any] = []  # fixed output buffers (CUDA graphs only)
+        self.outputs = outputs  # fixed output buffers (CUDA graphs only), alive with the binding
         self.graph_id = graph_id
-        self.outputs_fixed = graph_id < 0  # without a graph ONNX Runtime allocates outputs per run
         self.run_options: Any = None
 
 
@@ -60,7 +60,8 @@ class DeviceBinding:
         self._bound: dict[Signature, _Bound] = {}
         self._graphs = 0
         self._lock = threading.Lock()
-        self._input_types = {node.name: node.type for node in session.get_inputs()}
+        self._input_dims = {node.name: list(node.shape or ()) for node in session.get_inputs()}
+        self._output_meta = {node.name: (list(node.shape or ()), node.type) for node in session.get_outputs()}
 
     @property
     def cuda_graph(self) -> bool:
@@ -94,8 +95,6 @@ class DeviceBinding:
                 torch.cuda.current_stream().synchronize()
             self._session.run_with_iobinding(bound.binding, bound.run_options)
             results = bound.binding.copy_outputs_to_cpu()
-            if not bound.outputs_fixed:
-                self._fix_outputs(bound, results)
         return dict(zip(self._output_names, results, strict=True))
 
     def _bind(self, signature: Signature, feed: Mapping[str, Any]) -> _Bound:
@@ -126,13 +125,24 @@ class DeviceBinding:
                 )
                 binding.bind_ortvalue_input(name, buffer)
             inputs[name] = buffer
-        for name in self._output_names:
-            binding.bind_output(name, "cuda", self._device_id)
+        shapes = self._output_shapes(feed) if self._cuda_graph and self._graphs < MAX_SIGNATURES else None
+        outputs: list[Any] = []
         graph_id = -1
-        if self._cuda_graph and self._graphs < MAX_SIGNATURES:
+        if shapes is None:  # ONNX Runtime allocates the outputs on the device, run by run
+            for name in self._output_names:
+                binding.bind_output(name, "cuda", self._device_id)
+        else:  # fixed outputs, bound before the first run: the graph captured then writes there
+            from moesaic.runtime.engine import dtype_of
+            from moesaic.runtime.onnxruntime_engine import ort_datatype
+
+            for name, shape in zip(self._output_names, shapes, strict=True):
+                dtype = dtype_of(ort_datatype(self._output_meta[name][1]))
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self._device_id)
+                binding.bind_ortvalue_output(name, buffer)
+                outputs.append(buffer)
             graph_id = self._graphs
             self._graphs += 1
-        bound = _Bound(binding, inputs, graph_id)
+        bound = _Bound(binding, inputs, outputs, graph_id)
         if self._cuda_graph:
             options = ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -140,18 +150,26 @@ class DeviceBinding:
         self._bound[signature] = bound
         return bound
 
-    def _fix_outputs(self, bound: _Bound, results: list[np.ndarray]) -> None:
-        """After a signature's first run: bind outputs to device buffers of the shapes seen, so
-        their addresses stay fixed (a CUDA graph is captured on the next run)."""
-        ort, binding = self._ort, bound.binding
-        binding.clear_binding_outputs()
-        for name, result in zip(self._output_names, results, strict=True):
-            buffer = ort.OrtValue.ortvalue_from_shape_and_type(
-                list(result.shape), result.dtype, "cuda", self._device_id
-            )
-            binding.bind_ortvalue_output(name, buffer)
-            bound.outputs.append(buffer)  # alive as long as the binding
-        bound.outputs_fixed = True
+    def _output_shapes(self, feed: Mapping[str, Any]) -> list[list[int]] | None:
+        """Output shapes for these inputs: fixed dims, or symbolic ones an input dim names; None
+        when some output dim depends on the data (no graph then)."""
+        sizes: dict[str, int] = {}
+        for name, value in feed.items():
+            for dim, size in zip(self._input_dims.get(name, ()), value.shape, strict=False):
+                if isinstance(dim, str):
+                    sizes[dim] = int(size)
+        shapes = []
+        for name in self._output_names:
+            shape = []
+            for dim in self._output_meta[name][0]:
+                if isinstance(dim, int) and dim >= 0:
+                    shape.append(dim)
+                elif isinstance(dim, str) and dim in sizes:
+                    shape.append(sizes[dim])
+                else:
+                    return None
+            shapes.append(shape)
+        return shapes
 
 
 def _numpy_dtype(tensor: Any) -> np.dtype[Any]:

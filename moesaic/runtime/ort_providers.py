@@ -93,6 +93,9 @@ def preload_cuda_libraries() -> None:
     """Load CUDA and cuDNN from the NVIDIA wheels before the first CUDA session (once)."""
     import onnxruntime
 
+    # Provider registration logs through the default logger (warnings such as "no registered
+    # plugin EP device"); sessions log their own errors at severity 3 already.
+    onnxruntime.set_default_logger_severity(3)
     preload = getattr(onnxruntime, "preload_dlls", None)
     if preload is None:
         return
