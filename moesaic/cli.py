@@ -19,6 +19,7 @@ import argparse
 import difflib
 import importlib
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
@@ -179,4 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         (getattr(args, "_parser", None) or parser).print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except BrokenPipeError:  # `moesaic ... | head`: the reader left; no traceback, as cat or grep
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python's own flush at exit must not fail again
+        return 141
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
