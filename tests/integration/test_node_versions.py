@@ -254,10 +254,15 @@ def test_tritonclient_drives_index_load_unload_and_config(tmp_path: Path) -> Non
 # ---------------------------------------------------------------- hot swap
 
 
-@pytest.fixture
-def stream_node(tmp_path: Path) -> Iterator[tuple[NodeServer, Path]]:
+@pytest.fixture(params=["queued", "batched"])
+def stream_node(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[NodeServer, Path]]:
+    """A node serving ``add`` version 1, unbatched (its queue) or with dynamic batching."""
     repo = tmp_path / "repo"
     write_offset_model(repo / "add" / "1", 1.0)
+    if request.param == "batched":
+        (repo / "add" / "model.yaml").write_text(
+            "dynamic_batching: {max_batch_size: 4, max_queue_delay_us: 2000}\n"
+        )
     with running_node(repo, max_workers=8) as node:
         yield node, repo / "add"
 
