@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from moesaic.datasets.coco_metrics import evaluate  # noqa: E402
 from moesaic.datasets.intersection import CLASS_NAMES, render_scene  # noqa: E402
-from moesaic.models.detections import Detections  # noqa: E402
 from moesaic.models.detector.detector import load_detector  # noqa: E402
 from moesaic.models.detector.slicing import Tile, merge_tiles, sliced_detect, tile_image  # noqa: E402
+from moesaic.runtime.detections import Detections  # noqa: E402
 
 
 def accuracy(model: Path, frames: list[Any], tile: int, conf: float) -> dict[str, dict[str, Any]]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 __all__ = ["FUSED_TASKS", "ExpertOutput", "Fused", "fuse", "fuse_detections", "warm_up"]
 

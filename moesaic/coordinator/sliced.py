@@ -22,8 +22,8 @@ from moesaic.coordinator.planner import Plan, Planner
 from moesaic.coordinator.registry import Expert, Registry
 from moesaic.coordinator.selection import fits
 from moesaic.errors import InvalidInput, Unavailable
-from moesaic.models.detections import Detections
 from moesaic.models.detector.slicing import merge_tiles, tile_image
+from moesaic.runtime.detections import Detections
 
 if TYPE_CHECKING:
     from moesaic.coordinator.pipeline import RequestState

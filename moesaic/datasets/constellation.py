@@ -27,7 +27,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 __all__ = ["IMAGE_SUFFIXES", "Sample", "YoloDataset", "read_yolo_labels"]
 

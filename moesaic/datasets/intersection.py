@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 __all__ = ["CLASS_NAMES", "IntersectionScene", "generate_dataset", "render_scene", "to_coco", "yolo_lines"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 __all__ = ["annotate"]
 

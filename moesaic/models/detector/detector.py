@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from moesaic.models.detections import Detections
 from moesaic.models.detector.serving import YoloProcessor, check_image
+from moesaic.runtime.detections import Detections
 from moesaic.runtime.engine import Engine, create_engine
 
 __all__ = [

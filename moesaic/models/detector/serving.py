@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from moesaic.models.detections import Detections
 from moesaic.models.detector.yolo_ops import LetterboxInfo, decode, letterbox, scale_boxes, to_tensor
+from moesaic.runtime.detections import Detections
 from moesaic.runtime.engine import TensorSpec
 from moesaic.runtime.processing import Processor, register_processor
 

@@ -22,8 +22,8 @@ from typing import Literal
 
 import numpy as np
 
-from moesaic.models.detections import Detections
 from moesaic.models.detector.yolo_ops import batched_nms
+from moesaic.runtime.detections import Detections
 
 __all__ = ["Tile", "merge_tiles", "sliced_detect", "tile_image", "tile_origins"]
 

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from moesaic.models.detections import Detections
 from moesaic.models.florence2.parsing import quantize
+from moesaic.runtime.detections import Detections
 
 __all__ = ["FinetuneResult", "TrainingExample", "answer_text", "examples_from_dataset", "finetune"]
 

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from moesaic.errors import InvalidInput
-from moesaic.models.detections import Detections
 from moesaic.models.florence2.parsing import DETECTION_TASKS, TASKS, clean_text, parse_detections
+from moesaic.runtime.detections import Detections
 from moesaic.runtime.engine import EngineError, MissingExtraError
 
 __all__ = ["Florence2Expert", "Florence2Result", "check_prompt"]

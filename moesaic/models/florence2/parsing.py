@@ -19,7 +19,7 @@ import re
 
 import numpy as np
 
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 __all__ = ["LOC_BINS", "SPECIAL_TOKENS", "TASKS", "clean_text", "dequantize", "parse_detections", "quantize"]
 

@@ -16,11 +16,11 @@ import pytest
 import yaml
 
 from moesaic.datasets.intersection import CLASS_NAMES, render_scene
-from moesaic.models.detections import Detections
 from moesaic.models.detector.detector import load_detector
 from moesaic.models.detector.slicing import Tile, merge_tiles, sliced_detect, tile_image
 from moesaic.nodes.client import NodeClient
 from moesaic.nodes.server import NodeServer
+from moesaic.runtime.detections import Detections
 from tests.helpers.nodes import REPO_ROOT, running_node
 
 YOLO = REPO_ROOT / "models" / "yolo-n"

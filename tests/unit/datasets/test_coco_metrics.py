@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moesaic.datasets.coco_metrics import evaluate
-from moesaic.models.detections import Detections
+from moesaic.runtime.detections import Detections
 
 NAMES = ("vehicle", "pedestrian")
 

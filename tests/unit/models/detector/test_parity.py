@@ -22,9 +22,9 @@ import pytest
 from PIL import Image
 
 from moesaic.datasets.intersection import render_scene
-from moesaic.models.detections import Detections
 from moesaic.models.detector.detector import load_detector
 from moesaic.models.detector.offline import import_ultralytics
+from moesaic.runtime.detections import Detections
 from tests.helpers.real_data import REAL_DATA
 
 # Not importorskip: importing ultralytics before import_ultralytics() configured it would

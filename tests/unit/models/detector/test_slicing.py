@@ -7,8 +7,8 @@ import itertools
 import numpy as np
 import pytest
 
-from moesaic.models.detections import Detections
 from moesaic.models.detector.slicing import Tile, merge_tiles, sliced_detect, tile_image, tile_origins
+from moesaic.runtime.detections import Detections
 
 NAMES = ("vehicle", "pedestrian")
 
