@@ -33,6 +33,7 @@ lint: install
 	$(VENV)/bin/ruff check moesaic tests bench tools
 	$(VENV)/bin/ruff format --check moesaic tests bench tools
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 proto: install
 	$(PY) tools/gen_proto.py
