@@ -326,22 +326,26 @@ def test_a_corrupt_version_leaves_the_old_one_serving(stream_node: tuple[NodeSer
     assert node.plane.models["add"].version == 2
 
 
-def test_watch_swaps_in_a_new_version_and_skips_a_broken_one(tmp_path: Path) -> None:
+def test_watch_swaps_in_a_new_version_skips_a_broken_one_and_unloads_a_removed_one(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     model = repo / "add"
     write_offset_model(model / "1", 1.0)
-    with (
-        running_node(repo, watch=True, watch_interval_s=0.1) as node,
-        Stream(node.address, "add", 2) as stream,
-    ):
-        stream.wait_for(lambda: stream.count("1") >= 10)
-        _add_version(model, 2, corrupt=True)
-        stream.wait_for(lambda: _index(node).get(("add", "2"), ("",))[0] == "UNAVAILABLE", 30)
-        (model / "3").mkdir()  # written in place, slowly: the watcher waits for it to hold still
-        write_offset_model(model / "3", 3.0)
-        stream.wait_for(lambda: stream.count("3") >= 10, 30)
-    assert stream.errors == []
-    _assert_consistent(stream, {"1": 1.0, "3": 3.0})
+    with running_node(repo, watch=True, watch_interval_s=0.1) as node:
+        with Stream(node.address, "add", 2) as stream:
+            stream.wait_for(lambda: stream.count("1") >= 10)
+            _add_version(model, 2, corrupt=True)
+            stream.wait_for(lambda: _index(node).get(("add", "2"), ("",))[0] == "UNAVAILABLE", 30)
+            (model / "3").mkdir()  # written in place, slowly: the watcher waits for it to hold still
+            write_offset_model(model / "3", 3.0)
+            stream.wait_for(lambda: stream.count("3") >= 10, 30)
+        assert stream.errors == []
+        _assert_consistent(stream, {"1": 1.0, "3": 3.0})
+        shutil.rmtree(model)  # a folder removed from the repository is unloaded
+        deadline = time.monotonic() + 30
+        while "add" in node.plane.models:
+            assert time.monotonic() < deadline, "the removed model was not unloaded"
+            time.sleep(0.05)
+        assert _index(node) == {}
 
 
 # ---------------------------------------------------------------- the coordinator notices
