@@ -50,8 +50,8 @@ from moesaic.nodes.client import NodeClient  # noqa: E402
 MODELS = ("yolo-n", "ppn-seg-small")
 CHUNK = 10
 VARIANTS_GPU = {
-    "plain": {"io_binding": False},
-    "binding": {"io_binding": True},
+    "plain": {"io_binding": False, "cuda_graph": False},
+    "binding": {"io_binding": True, "cuda_graph": False},
     "graph": {"io_binding": True, "cuda_graph": True},
 }
 

@@ -35,7 +35,10 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """The checkout's commit, with ``+dirty`` when the tree has uncommitted changes."""
+    """The checkout's commit, with ``+dirty`` when the tree has uncommitted changes;
+    ``$MOESAIC_COMMIT`` when set (a copy of the tree on another machine, whose git may be stale)."""
+    if os.environ.get("MOESAIC_COMMIT"):
+        return os.environ["MOESAIC_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
