@@ -280,15 +280,15 @@ def _load(node: NodeServer, name: str) -> grpc.RpcError | None:
 def test_a_swap_under_a_steady_stream_fails_no_request(stream_node: tuple[NodeServer, Path]) -> None:
     node, model = stream_node
     with Stream(node.address, "add") as stream:
-        stream.wait_for(lambda: stream.count("1") >= 30)
+        stream.wait_for(lambda: stream.count("1") >= 100)
         _add_version(model, 2)
         t0 = time.perf_counter()
         assert _load(node, "add") is None
         swap_s = time.perf_counter() - t0
-        stream.wait_for(lambda: stream.count("2") >= 30)
+        stream.wait_for(lambda: stream.count("2") >= 100)
         _add_version(model, 3)
         assert _load(node, "add") is None
-        stream.wait_for(lambda: stream.count("3") >= 30)
+        stream.wait_for(lambda: stream.count("3") >= 100)
     assert node.lifecycle.wait_retired(10)
     assert stream.errors == []
     _assert_consistent(stream, {"1": 1.0, "2": 2.0, "3": 3.0})
