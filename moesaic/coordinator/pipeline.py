@@ -38,8 +38,6 @@ from moesaic.metrics import Metrics
 
 __all__ = ["PerceiveInput", "Perception", "Pipeline", "RequestState"]
 
-REASONS = ("no_feasible_set", "expert_failed", "deadline_missed", "energy_over")
-
 
 @dataclass(frozen=True)
 class PerceiveInput:
