@@ -38,7 +38,7 @@ LIDAR_SENSOR = "roof-lidar"
 CAMERA_SENSOR = "front-camera"
 # Per-request budgets the replay cycles through: (latency ms, energy mJ); 0 = unbounded. Sized
 # for the shipped CPU experts on the 2-core VM running the whole fleet, where one call costs
-# (coordinator-measured p50, estimated energy): ppn-rec-small 170-260 ms / 1.1-1.6 J,
+# (coordinator-measured p50, energy estimate): ppn-rec-small 170-260 ms / 1.1-1.6 J,
 # ppn-seg-small 230-330 ms / 1.5-2 J, yolo-n 130-190 ms / ~1 J, yolo-n-640 ~500 ms / 4-8 J.
 # LiDAR: every budget admits its task's one model (predicted at a high quantile of its latency)
 # except 100 ms, which fits none on purpose (infeasible frames).

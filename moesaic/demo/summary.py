@@ -165,7 +165,7 @@ def task_summary(ledger: TaskLedger, *, gate: str) -> dict[str, Any]:
     within_feasible = sum(o.within_budget for o in feasible)
     latency = [o.latency_ms for o in outcomes]
     measured = sum(o.energy_measured for o in outcomes)
-    source = None if not outcomes else ("measured" if measured == len(outcomes) else "estimated")
+    source = None if not outcomes else ("measured" if measured == len(outcomes) else "estimate")
     if outcomes and 0 < measured < len(outcomes):
         source = "mixed"
     selections = Counter(e for o in outcomes for e in set(o.experts))  # results that selected e

@@ -145,7 +145,7 @@ def test_demo_trains_its_gates_and_writes_summary_and_report(first_run: Run) -> 
         assert t["results"] > 0, (task, t)
         assert t["gate"] == "trained", task
         assert set(t["latency_ms"]) >= {"mean", "p50", "p99"}
-        assert t["energy_mj"]["source"] in ("measured", "estimated", "mixed")
+        assert t["energy_mj"]["source"] in ("measured", "estimate", "mixed")
         assert 0 <= t["within_budget"] <= t["results"] and 0 <= t["feasible"] <= t["results"]
         ratio = t["within_budget_of_feasible"]
         assert ratio is None or 0.0 <= ratio <= 1.0

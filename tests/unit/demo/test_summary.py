@@ -21,7 +21,7 @@ def result(frame: int, task: str = "detection", sensor: str = "cam", **extra: An
         "budget": {"latency_ms": 100.0, "energy_mj": 0.0},
         "budget_met": True,
         "feasible": True,
-        "energy_source": "estimated",
+        "energy_source": "estimate",
         "experts": [{"id": "yolo-n", "status": "ok"}],
     }
     body.update(extra)
