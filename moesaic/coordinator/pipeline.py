@@ -114,10 +114,10 @@ class Pipeline:
         / ResourceExhausted (no feasible set under the ``shed`` policy)."""
         state = self.validate(request)
         state.features = self.features(state)
-        self.select(state)
-        if request.task == "detection" and request.options.get("slice"):
-            fused = await perceive_sliced(state, self.registry, self.planner, self.caller)
+        if request.task == "detection" and request.options.get("slice"):  # plans its own tiles
+            fused = await perceive_sliced(state, self.registry, self.planner, self.caller, self.infeasible)
         else:
+            self.select(state)
             await Dispatch(state, self.registry, self.planner, self.caller).run()
             fused = self.fuse(state)
         return self.reply(state, fused)
@@ -165,15 +165,20 @@ class Pipeline:
         low = cheapest(state.experts)
         state.cheapest = (low.latency_ms + self.settings.overhead_ms, low.energy_mj)
         if not state.plan.feasible:
-            if state.shed:
-                if self.metrics is not None:
-                    self.metrics.requests_shed.labels(task=task).inc()
-                raise ResourceExhausted(
-                    f"task {task!r}: no expert set fits the budget ({_budget(state.budget)}); the "
-                    f"cheapest needs {state.cheapest[0]:.0f} ms / {state.cheapest[1]:.0f} mJ",
-                    reason="no_feasible_set",
-                )
-            state.fallback = "no_feasible_set"
+            self.infeasible(state)
+
+    def infeasible(self, state: RequestState) -> None:
+        """No expert set fits: shed the request (task policy ``shed``) or run outside the budget."""
+        task = state.request.task
+        if state.shed:
+            if self.metrics is not None:
+                self.metrics.requests_shed.labels(task=task).inc()
+            raise ResourceExhausted(
+                f"task {task!r}: no expert set fits the budget ({_budget(state.budget)}); the "
+                f"cheapest needs {state.cheapest[0]:.0f} ms / {state.cheapest[1]:.0f} mJ",
+                reason="no_feasible_set",
+            )
+        state.fallback = "no_feasible_set"
 
     def fuse(self, state: RequestState) -> Fused:
         """Weighted fusion of the experts that answered (gate weights renormalised over them)."""

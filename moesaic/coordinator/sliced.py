@@ -13,6 +13,7 @@ shifted back to frame pixels and merged across tile borders with
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from moesaic.coordinator.calls import Caller, Run
@@ -58,7 +59,15 @@ def _predict(experts: list[Expert], tiles: int, overhead_ms: float) -> tuple[flo
     return latency, energy
 
 
-async def perceive_sliced(state: RequestState, registry: Registry, planner: Planner, caller: Caller) -> Fused:
+async def perceive_sliced(
+    state: RequestState,
+    registry: Registry,
+    planner: Planner,
+    caller: Caller,
+    infeasible: Callable[[RequestState], None],
+) -> Fused:
+    """Plan the tiles over the workers, run them, merge the boxes. ``infeasible`` is the
+    pipeline's policy for a plan that does not fit the budget (shed, or run outside it)."""
     request, budget = state.request, state.budget
     image = request.inputs.tensors.get("image")
     if image is None:
@@ -69,6 +78,8 @@ async def perceive_sliced(state: RequestState, registry: Registry, planner: Plan
     # Every device works on the tiles in parallel; when the energy budget does not hold, the
     # devices that spend the most energy per tile leave first (latency only gets worse).
     chosen = _workers(state, registry, planner)
+    if not chosen:
+        raise Unavailable("sliced detection: no detection expert is up", reason="no_expert")
     while len(chosen) > 1 and not fits(*_predict(chosen, len(tiles), overhead), budget):
         costliest = max(chosen, key=lambda e: (e.energy_mj, e.replica.id))
         fewer = [e for e in chosen if e is not costliest]
@@ -78,7 +89,9 @@ async def perceive_sliced(state: RequestState, registry: Registry, planner: Plan
     predicted = _predict(chosen, len(tiles), overhead)
     feasible = fits(*predicted, budget)
     state.plan = Plan(tuple(chosen), tuple(1.0 / len(chosen) for _ in chosen), *predicted, feasible)
-    state.fallback = "" if feasible else "no_feasible_set"
+    state.cheapest = _predict([min(chosen, key=lambda e: e.energy_mj)], len(tiles), overhead)
+    if not feasible:
+        infeasible(state)
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(len(tiles)):
         queue.put_nowait(i)
