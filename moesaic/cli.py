@@ -189,3 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 130
+    except ImportError as exc:  # a role's package not installed: name the extra, no traceback
+        from moesaic.runtime.engine import MissingExtraError
+
+        if not isinstance(exc, MissingExtraError):
+            raise
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 1

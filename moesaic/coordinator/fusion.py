@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from moesaic.runtime.detections import Detections
+from moesaic.runtime.engine import MissingExtraError
 
 __all__ = ["FUSED_TASKS", "ExpertOutput", "Fused", "fuse", "fuse_detections", "warm_up"]
 
@@ -89,8 +91,7 @@ def fuse_detections(
     ]
     if len(dets) == 1:
         return dets[0]
-    from ensemble_boxes import weighted_boxes_fusion
-
+    weighted_boxes_fusion = _weighted_boxes_fusion()
     w = _normalised(parts)
     if all(len(d) == 0 for d in dets):
         return Detections.empty(class_names)
@@ -111,6 +112,15 @@ def fuse_detections(
     return Detections(
         np.asarray(fb) * scale, np.asarray(fs), np.asarray(fl).round().astype(np.int64), tuple(class_names)
     )
+
+
+def _weighted_boxes_fusion() -> Any:
+    """ensemble-boxes' fusion function, imported on first use (it brings pandas and numba)."""
+    try:
+        from ensemble_boxes import weighted_boxes_fusion
+    except ImportError:
+        raise MissingExtraError("ensemble-boxes", "coordinator") from None
+    return weighted_boxes_fusion
 
 
 def warm_up() -> None:

@@ -22,7 +22,7 @@ runs: ``dashboard.add_node(address, name=...)``, ``dashboard.add_metrics(url, na
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from moesaic.dashboard.config import (
     DashboardConfig,
@@ -30,8 +30,10 @@ from moesaic.dashboard.config import (
     NodeTarget,
     load_dashboard_config,
 )
-from moesaic.dashboard.server import Dashboard
 from moesaic.dashboard.state import FleetState
+
+if TYPE_CHECKING:
+    from moesaic.dashboard.server import Dashboard
 
 __all__ = [
     "Dashboard",
@@ -42,6 +44,16 @@ __all__ = [
     "fleet_dashboard",
     "load_dashboard_config",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``Dashboard`` on first use: the web server's aiohttp (the ``dashboard`` extra) is not
+    imported with the package, so ``moesaic --help`` works on a host without it."""
+    if name == "Dashboard":
+        from moesaic.dashboard.server import Dashboard
+
+        return Dashboard
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def fleet_dashboard(
@@ -57,6 +69,8 @@ def fleet_dashboard(
     """A :class:`Dashboard` (enter it with ``async with``) of a fleet given by addresses:
     ``nodes`` maps node names to gRPC ``HOST:PORT``, ``metrics`` component names to
     Prometheus URLs. ``options`` are further :class:`DashboardConfig` fields (``tls``, ...)."""
+    from moesaic.dashboard.server import Dashboard
+
     config = DashboardConfig.model_validate(
         {
             "listen": listen,

@@ -28,10 +28,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from moesaic.runtime.engine import MissingExtraError
+
 try:
     from aiohttp import web
-except ImportError as exc:  # pragma: no cover - the extra is installed in development
-    raise ImportError("the dashboard needs aiohttp: pip install 'moesaic[dashboard]'") from exc
+except ImportError:
+    raise MissingExtraError("aiohttp", "dashboard") from None
 
 from moesaic.dashboard.config import DashboardConfig, MetricsEndpoint, NodeTarget, is_loopback, parse_listen
 from moesaic.dashboard.sources import MqttFeed, forever, poll_coordinator, poll_metrics, poll_node

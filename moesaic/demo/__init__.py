@@ -16,10 +16,14 @@ publishers and results subscriber), :mod:`~moesaic.demo.summary` (the figures),
 from __future__ import annotations
 
 import argparse
+import importlib.util
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["register", "run_demo"]
+if TYPE_CHECKING:
+    from moesaic.runtime.engine import MissingExtraError
+
+__all__ = ["missing_extra", "register", "run_demo"]
 
 
 def register(subparsers: Any) -> None:
@@ -67,6 +71,22 @@ def _files(folder: Path | None, patterns: tuple[str, ...]) -> list[Path]:
     return sorted(p for pattern in patterns for p in folder.rglob(pattern))
 
 
+def missing_extra(*, embedded_broker: bool) -> MissingExtraError | None:
+    """What the demo's processes would miss, checked before any starts: the roles' packages
+    (``demo`` extra), the embedded broker's when no ``--broker`` is given, and a runtime."""
+    from moesaic.runtime.engine import MissingExtraError  # not at import: `moesaic --help` stays fast
+
+    needed = [("aiomqtt", "aiomqtt"), ("ensemble_boxes", "ensemble-boxes")]
+    if embedded_broker:
+        needed.append(("amqtt", "amqtt"))
+    for module, package in needed:
+        if importlib.util.find_spec(module) is None:
+            return MissingExtraError(package, "demo")
+    if importlib.util.find_spec("onnxruntime") is None:
+        return MissingExtraError("onnxruntime", "demo,cpu", "demo,gpu")
+    return None
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Entry point of ``moesaic demo``; returns the exit status."""
     from rich.console import Console
@@ -77,6 +97,10 @@ def run_demo(args: argparse.Namespace) -> int:
     console = Console()
     if not console.is_terminal:
         console = Console(width=160)
+    missing = missing_extra(embedded_broker=args.broker is None)
+    if missing is not None:
+        console.print(f"[red]moesaic demo:[/red] {missing}", highlight=False)
+        return 2
     models = args.models or _default_models()
     experts = find_experts(models)
     if not experts:

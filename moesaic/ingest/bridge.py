@@ -25,11 +25,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiomqtt
 import grpc
-from aiomqtt.exceptions import MqttConnectError
 
 from moesaic.errors import describe
+from moesaic.runtime.engine import MissingExtraError
+
+try:
+    import aiomqtt
+    from aiomqtt.exceptions import MqttConnectError
+except ImportError:
+    raise MissingExtraError("aiomqtt", "ingest") from None
 from moesaic.ingest.config import IngestConfig
 from moesaic.ingest.coordinator_client import CoordinatorClient
 from moesaic.ingest.mqtt import connect_options

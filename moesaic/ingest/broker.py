@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from moesaic.fleet.ready import free_port
+from moesaic.runtime.engine import MissingExtraError
 
 __all__ = ["EmbeddedBroker", "MosquittoProcess", "mosquitto_binary", "wait_for_port"]
 
@@ -59,7 +60,10 @@ class EmbeddedBroker:
         return f"mqtt://{self.host}:{self.port}"
 
     async def __aenter__(self) -> EmbeddedBroker:
-        from amqtt.broker import Broker
+        try:
+            from amqtt.broker import Broker
+        except ImportError:
+            raise MissingExtraError("amqtt", "demo") from None
 
         for name in ("amqtt", "transitions"):
             logging.getLogger(name).setLevel(logging.WARNING)

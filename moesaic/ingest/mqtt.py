@@ -6,11 +6,15 @@ import socket
 import ssl
 from typing import Any
 
-import aiomqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
 from moesaic.ingest.config import IngestConfig
+from moesaic.runtime.engine import MissingExtraError
+
+try:
+    import aiomqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+except ImportError:
+    raise MissingExtraError("aiomqtt", "ingest") from None
 
 __all__ = ["connect_options"]
 

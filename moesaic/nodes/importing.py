@@ -37,6 +37,7 @@ from typing import Any
 import yaml
 
 from moesaic.nodes.repository import MODEL_FILE, ONNX_FILE, load_model_spec, read_model_entry
+from moesaic.runtime.engine import MissingExtraError
 from moesaic.runtime.profiler import ProfileRecord
 
 __all__ = ["Imported", "OnnxFacts", "import_model", "read_onnx_facts", "register"]
@@ -73,7 +74,10 @@ class Imported:
 def read_onnx_facts(path: Path) -> OnnxFacts:
     """Task, class names and input size from an ONNX file's metadata (ultralytics writes them);
     ``ValueError`` naming the file when it is not a valid ONNX model."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtraError("onnx", "vision") from None
 
     try:
         model = onnx.load(str(path), load_external_data=False)

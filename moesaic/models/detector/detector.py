@@ -26,7 +26,7 @@ import yaml
 
 from moesaic.models.detector.serving import YoloProcessor, check_image
 from moesaic.runtime.detections import Detections
-from moesaic.runtime.engine import Engine, create_engine
+from moesaic.runtime.engine import Engine, MissingExtraError, create_engine
 
 __all__ = [
     "Detector",
@@ -116,7 +116,10 @@ class UltralyticsDetector(Detector):
 
 def onnx_metadata(path: Path) -> dict[str, Any]:
     """ultralytics' export metadata (``names``, ``imgsz``, ...) stored in an ONNX file, if any."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise MissingExtraError("onnx", "vision") from None
 
     model = onnx.load(str(path), load_external_data=False)
     meta: dict[str, Any] = {}

@@ -24,6 +24,7 @@ import numpy as np
 
 from moesaic.models.detector.yolo_ops import batched_nms
 from moesaic.runtime.detections import Detections
+from moesaic.runtime.engine import MissingExtraError
 
 __all__ = ["Tile", "merge_tiles", "sliced_detect", "tile_image", "tile_origins"]
 
@@ -95,7 +96,10 @@ def _concat(parts: Sequence[Detections], class_names: tuple[str, ...]) -> Detect
 
 
 def _wbf(dets: Detections, width: float, height: float, iou: float, skip: float) -> Detections:
-    from ensemble_boxes import weighted_boxes_fusion
+    try:
+        from ensemble_boxes import weighted_boxes_fusion
+    except ImportError:
+        raise MissingExtraError("ensemble-boxes", "coordinator") from None
 
     scale = np.array([width, height, width, height], np.float32)
     boxes = (dets.boxes / scale).clip(0.0, 1.0)
