@@ -183,6 +183,7 @@ def batched_nms(
     if n == 0:
         return np.zeros(0, np.int64)
     conf = np.ascontiguousarray(scores, np.float32)
+    cv2: Any  # OpenCV's stubs want Sequences; it takes numpy arrays
     try:
         import cv2
     except ImportError:
