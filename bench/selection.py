@@ -8,6 +8,10 @@
 4. Quality vs energy budget on a simulated heterogeneous fleet: MoE² vs the best single
    feasible expert, greedy by loss per joule, random feasible sets and all experts (which
    ignores the budget). Loss = test-split cross-entropy of the gate-weighted fused output.
+5. Adversarial instances (:func:`adversarial`): expert quality correlated with cost, several
+   devices, budgets at the knee of the cost/loss curve. 50 seeded instances at N = 16, 24, 32:
+   p50 / p99 / max solve time and nodes explored (target: every N = 32 instance <= 1 s), and
+   solve == brute force on 100 adversarial instances with N <= 14.
 
 The simulated fleet (``fleet``): 16 experts = 4 model sizes x 4 devices (Jetson Orin Nano,
 Jetson AGX Orin, RTX 4090, Xeon CPU); costs follow model size / device throughput and device
@@ -16,34 +20,35 @@ clear); each expert family is fine-tuned on 1-2 conditions (complementary streng
 models are better everywhere, and every sample has a difficulty shared by all experts
 (correlated errors, as in real ensembles). The gate sees a noisy view of the condition.
 
-    .venv/bin/python bench/selection.py --out bench/results/selection.json
+    .venv/bin/python bench/selection.py                 # everything -> bench/results/selection.json
+    .venv/bin/python bench/selection.py --adversarial   # section 5 only, same file
+
+Results go through ``bench/record.py`` (command, commit, machine, date).
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+if __name__ == "__main__":  # one BLAS thread, as the coordinator runs it; not on import (tests)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import itertools
-import json
-import platform
+import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from moesaic.coordinator.config import parse_fleet  # noqa: E402
-from moesaic.coordinator.gate import Gate, train_gate  # noqa: E402
-from moesaic.coordinator.planner import Planner, TaskModel  # noqa: E402
-from moesaic.coordinator.registry import Expert, Registry  # noqa: E402
+from bench.record import write_results  # noqa: E402
 from moesaic.coordinator.selection import (  # noqa: E402
     Budget,
     ExpertCost,
@@ -55,6 +60,9 @@ from moesaic.coordinator.selection import (  # noqa: E402
     subset_loss,
 )
 from moesaic.coordinator.validation import ValidationTable  # noqa: E402
+
+if TYPE_CHECKING:
+    from moesaic.coordinator.gate import Gate
 
 CONDITIONS = ("night", "rain", "far", "crowd", "glare", "clear")
 CLASSES = 5
@@ -205,6 +213,12 @@ def optimality(instances: int, seed: int = 7) -> dict[str, object]:
     }
 
 
+def _train_gate(table: ValidationTable, steps: int) -> Gate:
+    from moesaic.coordinator.gate import train_gate  # the gate stays out of the adversarial path
+
+    return train_gate(table, steps=steps)
+
+
 BUDGETS = (("tight", 0.05, 20.0), ("mid", 0.25, 60.0), ("loose", 0.5, 0.0))
 """name, energy budget as a share of the fleet's total, latency budget ms (0 = unbounded)."""
 BASELINE_MS = {
@@ -224,7 +238,7 @@ def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float)
         times, nodes = [], []
         for r in range(repeats):
             f = fleet(n, seed=50 + r, m_train=400, m_val=200, m_test=1)
-            gate = train_gate(f.table_train, steps=200)
+            gate = _train_gate(f.table_train, steps=200)
             problem = f.table_val.problem(gate.weights_all(f.table_val.features), f.costs)
             budget = Budget(latency_ms, fraction * sum(c.energy_mj for c in f.costs))
             s = solve(problem, budget)
@@ -244,7 +258,11 @@ def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float)
 
 def fine_level_time(requests: int) -> dict[str, float]:
     f = fleet(16, seed=3, m_train=400, m_val=200, m_test=requests)
-    gate = train_gate(f.table_train, steps=200)
+    from moesaic.coordinator.config import parse_fleet
+    from moesaic.coordinator.planner import Planner, TaskModel
+    from moesaic.coordinator.registry import Expert, Registry
+
+    gate = _train_gate(f.table_train, steps=200)
     config = parse_fleet(
         {"nodes": [{"address": f"127.0.0.1:{9000 + i}", "name": f"n{i}"} for i in range(16)]}
     )
@@ -272,6 +290,140 @@ def fine_level_time(requests: int) -> dict[str, float]:
         "us_per_request_best_batch": float(np.min(means)),
         "coarse_solves": planner.solves,
     }
+
+
+# -- 5. adversarial instances -------------------------------------------------------------
+ADVERSARIAL_SIZES = (16, 24, 32)
+
+
+def adversarial(
+    n: int, seed: int, *, m: int = 200, conditions: int = 6, classes: int = 5
+) -> tuple[SelectionProblem, Budget]:
+    """A hard selection instance: ``n`` experts on 3-6 devices, quality correlated with cost,
+    the budget at the knee of the cost/loss curve.
+
+    Each expert has a skill s ~ U(-1, 2) and costs exp(1.2 s + noise) units of work, run on a
+    device with its own speed (units/ms) and power (W): better experts are slower and hungrier
+    (a strongly correlated knapsack). Each is fine-tuned on 2 of ``conditions`` scene conditions;
+    sample i has a condition and a difficulty shared by all experts, plus independent noise, and
+    q_in is the label probability of a ``classes``-way softmax with that margin. The gate is a
+    softmax over noisy condition affinities and skill. Many subsets then have nearly the same
+    loss, which is what makes exact selection hard.
+
+    The budget sits at the knee of the greedy loss-per-energy curve (start from the cheapest
+    expert, add the best gain per mJ while the loss falls; knee = farthest point below the chord
+    of the normalised curve), scaled by U(0.8, 1.25), on energy, latency or both at random.
+    """
+    rng = np.random.default_rng(seed)
+    n_dev = int(rng.integers(3, 7))
+    speed = np.exp(rng.uniform(math.log(0.3), math.log(4.0), n_dev))
+    power = rng.uniform(10, 200, n_dev)
+    dev = rng.integers(0, n_dev, n)
+    skill = rng.uniform(-1.0, 2.0, n)
+    latency = np.exp(1.2 * skill + rng.normal(0, 0.15, n)) / speed[dev]
+    energy = power[dev] * latency
+    affinity = np.full((n, conditions), -0.5)
+    for i in range(n):
+        strong, weak = rng.choice(conditions, 2, replace=False)
+        affinity[i, strong], affinity[i, weak] = 1.5, 0.8
+    cond = rng.integers(0, conditions, m)
+    difficulty = rng.normal(0, 1.0, m)
+    margin = skill + affinity[:, cond].T - 1.2 * difficulty[:, None] + rng.normal(0, 1.0, (m, n))
+    q = np.exp(margin) / (np.exp(margin) + classes - 1)
+    logits = rng.uniform(0.5, 2.0) * (affinity[:, cond].T + rng.normal(0, 0.7, (m, n))) + 0.5 * skill
+    gate = np.exp(logits - logits.max(axis=1, keepdims=True))
+    gate /= gate.sum(axis=1, keepdims=True)
+    experts = tuple(ExpertCost(f"e{i}", f"d{dev[i]}", float(latency[i]), float(energy[i])) for i in range(n))
+    problem = SelectionProblem(experts, q, gate, overhead_ms=float(rng.uniform(0, 2)))
+    # Greedy loss-per-energy curve from the cheapest expert.
+    chosen = [int(np.argmin(energy))]
+    curve = [(float(energy[chosen[0]]), subset_loss(problem, chosen), tuple(chosen))]
+    while len(chosen) < n:
+        rest = [j for j in range(n) if j not in chosen]
+        losses = np.array([subset_loss(problem, [*chosen, j]) for j in rest])
+        gain = (curve[-1][1] - losses) / energy[rest]
+        j = int(np.argmax(gain))
+        if gain[j] <= 0:
+            break
+        chosen.append(rest[j])
+        curve.append((curve[-1][0] + float(energy[rest[j]]), float(losses[j]), tuple(chosen)))
+    e_curve = np.array([c[0] for c in curve])
+    l_curve = np.array([c[1] for c in curve])
+    knee = len(curve) - 1
+    if len(curve) >= 3:
+        e_norm = (e_curve - e_curve[0]) / max(e_curve[-1] - e_curve[0], 1e-12)
+        l_norm = (l_curve[0] - l_curve) / max(l_curve[0] - l_curve[-1], 1e-12)
+        knee = int(np.argmax(l_norm - e_norm))
+    knee_energy, _, knee_set = curve[knee]
+    knee_latency = subset_cost(problem, knee_set)[0]
+    mode = rng.choice(["energy", "latency", "both"])
+    e_scale, l_scale = rng.uniform(0.8, 1.25, 2)
+    budget = Budget(
+        latency_ms=float(knee_latency * l_scale) if mode != "energy" else 0.0,
+        energy_mj=float(knee_energy * e_scale) if mode != "latency" else 0.0,
+    )
+    return problem, budget
+
+
+def adversarial_times(sizes: tuple[int, ...], instances: int) -> list[dict[str, object]]:
+    """Solve ``instances`` seeded adversarial instances per size; raw times and nodes per seed."""
+    rows = []
+    for n in sizes:
+        runs = []
+        for seed in range(instances):
+            problem, budget = adversarial(n, seed)
+            t0 = time.perf_counter()
+            s = solve(problem, budget)
+            wall_ms = (time.perf_counter() - t0) * 1e3
+            runs.append(
+                {"seed": seed, "solve_ms": wall_ms, "nodes": s.nodes_explored, "size": len(s.indices),
+                 "feasible": s.feasible, "loss": s.loss, "budget": [budget.latency_ms, budget.energy_mj]}
+            )  # fmt: skip
+        times = np.array([r["solve_ms"] for r in runs])
+        nodes = np.array([r["nodes"] for r in runs])
+        rows.append(
+            {
+                "n": n,
+                "instances": instances,
+                "p50_ms": float(np.median(times)),
+                "p99_ms": float(np.quantile(times, 0.99)),
+                "max_ms": float(times.max()),
+                "nodes_p50": float(np.median(nodes)),
+                "nodes_p99": float(np.quantile(nodes, 0.99)),
+                "nodes_max": int(nodes.max()),
+                "subsets": 2**n - 1,
+                "runs": runs,
+            }
+        )
+    return rows
+
+
+def adversarial_optimality(instances: int, seed: int = 11) -> dict[str, object]:
+    """solve vs brute force on adversarial instances with N <= 14."""
+    rng = np.random.default_rng(seed)
+    matched, worst_gap = 0, 0.0
+    for k in range(instances):
+        problem, budget = adversarial(int(rng.integers(4, 15)), 10_000 + k, m=int(rng.integers(20, 200)))
+        exact, ref = solve(problem, budget), brute_force(problem, budget)
+        gap = abs(exact.loss - ref.loss)
+        worst_gap = max(worst_gap, gap)
+        matched += int(gap <= 1e-9 and exact.feasible == ref.feasible)
+    return {"instances": instances, "matched": matched, "worst_gap": worst_gap}
+
+
+def print_adversarial(rows: list[dict[str, object]], opt: dict[str, object]) -> None:
+    print(
+        "\n5. adversarial instances (quality ~ cost, budget at the knee), exact solve; "
+        f"solve == brute force on {opt['matched']}/{opt['instances']} instances with N <= 14 "
+        f"(worst gap {opt['worst_gap']:.1e})"
+    )
+    head = ("N", "inst", "p50 ms", "p99 ms", "max ms", "nodes p50", "p99", "max")
+    print(" ".join(f"{h:>{w}}" for h, w in zip(head, (4, 5, 8, 8, 8, 10, 7, 7), strict=True)))
+    for r in rows:
+        print(
+            f"{r['n']:>4} {r['instances']:>5} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} "
+            f"{r['nodes_p50']:>10.0f} {r['nodes_p99']:>7.0f} {r['nodes_max']:>7}"
+        )
 
 
 def plot(rows: list[dict[str, object]], path: Path) -> None:
@@ -308,13 +460,29 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/selection.json")
     parser.add_argument("--quick", action="store_true", help="fewer instances (smoke test)")
+    parser.add_argument("--adversarial", action="store_true", help="section 5 only")
+    parser.add_argument("--instances", type=int, default=50, help="adversarial instances per N")
     args = parser.parse_args()
     quick = args.quick
-    results: dict[str, object] = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus"
-    }
+    results: dict[str, Any] = {}
+    if not args.adversarial:
+        rows = classic_sections(results, quick)
+    instances = 5 if quick else args.instances
+    adv = adversarial_times(ADVERSARIAL_SIZES, instances)
+    adv_opt = adversarial_optimality(10 if quick else 100)
+    results["adversarial"] = {"sizes": adv, "optimality": adv_opt, "target_ms": 1000.0}
+    print_adversarial(adv, adv_opt)
+    path = write_results("selection", results, out=args.out)
+    print(f"\nwrote {path}")
+    if not args.adversarial:
+        plot(rows, path.with_suffix(".png"))
+        print(f"wrote {path.with_suffix('.png')}")
+    return 0
 
-    opt = optimality(20 if quick else 200)
+
+def classic_sections(results: dict[str, Any], quick: bool) -> list[dict[str, object]]:
+    """Sections 1-4 into ``results``; returns the quality rows (for the plot)."""
+    opt: dict[str, Any] = optimality(20 if quick else 200)
     results["optimality"] = opt
     print(
         f"\n1. optimality vs brute force (N <= 14): {opt['matched']}/{opt['instances']} match, "
@@ -351,7 +519,7 @@ def main() -> int:
     )
 
     f = fleet(16, seed=11)
-    gate = train_gate(f.table_train, steps=400)
+    gate = _train_gate(f.table_train, steps=400)
     fractions = [0.01, 0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.8] if not quick else [0.02, 0.1, 0.3]
     rows = quality_curves(f, gate, latency, fractions)
     results["quality"] = rows
@@ -383,12 +551,7 @@ def main() -> int:
             f"energy violations {violations}"
         )
 
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    png = args.out.with_suffix(".png")
-    plot(rows, png)
-    print(f"\nwrote {args.out} and {png}")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
