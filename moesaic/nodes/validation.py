@@ -91,11 +91,22 @@ def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -
             )
         if name in out:
             raise InvalidInput(f"input {quote(name)}: given twice")
-        if tensor.datatype != spec.datatype:
-            raise InvalidInput(
-                f"input {quote(name)}: datatype {tensor.datatype or '(empty)'}; expected {spec.datatype}"
-            )
         shape = tuple(tensor.shape)
+        if spec.encoded and tensor.datatype == "BYTES":  # one encoded image, decoded by the processor
+            if shape != (1,):
+                raise InvalidInput(
+                    f"input {quote(name)}: BYTES shape {list(shape)}; expected [1] (one image)"
+                )
+            out[name] = (
+                decode_tensor(name, "BYTES", shape, raws[i])
+                if raws
+                else tensor_from_contents(name, "BYTES", shape, tensor.contents)
+            )
+            continue
+        if tensor.datatype != spec.datatype:
+            also = " (or BYTES [1]: an encoded JPEG/PNG)" if spec.encoded else ""
+            given = tensor.datatype or "(empty)"
+            raise InvalidInput(f"input {quote(name)}: datatype {given}; expected {spec.datatype}{also}")
         if not spec.accepts_shape(shape):
             raise InvalidInput(
                 f"input {quote(name)}: shape {list(shape)}; expected {list(spec.shape)} (-1 = any size)"

@@ -82,11 +82,16 @@ def datatype_of(dtype: np.dtype[Any] | type) -> str:
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Name, KServe datatype and shape of one model input or output (-1 = dynamic)."""
+    """Name, KServe datatype and shape of one model input or output (-1 = dynamic).
+
+    ``encoded``: an input that may also come as ``BYTES [1]``, one encoded image (JPEG or PNG)
+    the processor decodes, so that a camera frame need not cross the wire decoded.
+    """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    encoded: bool = False
 
     def __post_init__(self) -> None:
         dtype_of(self.datatype)

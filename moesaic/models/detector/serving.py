@@ -9,10 +9,14 @@ A model folder such as ``models/yolo-n/model.yaml``::
 The node then advertises ``image`` UINT8 ``[H, W, 3]`` (RGB) and returns ``boxes`` FP32
 ``[N, 4]`` (xyxy, input pixels), ``scores`` FP32 ``[N]`` and ``class_ids`` INT64 ``[N]``.
 Request parameters ``conf`` and ``iou`` override the folder's thresholds per request.
+``image`` may also come as ``BYTES [1]``: one JPEG or PNG, decoded on the node (OpenCV), so a
+camera frame crosses the wire compressed; its header is read first and images over
+``max_pixels`` are refused before decoding.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ from moesaic.runtime.detections import Detections
 from moesaic.runtime.engine import TensorSpec
 from moesaic.runtime.processing import Processor, register_processor
 
-__all__ = ["YoloOptions", "YoloProcessor", "check_image"]
+__all__ = ["YoloOptions", "YoloProcessor", "check_image", "decode_image"]
 
 
 class YoloOptions(BaseModel):
@@ -38,6 +42,11 @@ class YoloOptions(BaseModel):
     max_det: int = Field(300, ge=1, description="most boxes per image")
     agnostic_nms: bool = Field(False, description="suppress across classes")
     class_names: list[str] = Field(default_factory=list, description="class names, index = class id")
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="largest encoded image (width x height) decoded; larger ones are refused",
+    )
 
 
 def check_image(image: np.ndarray) -> np.ndarray:
@@ -48,6 +57,29 @@ def check_image(image: np.ndarray) -> np.ndarray:
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] < 1 or arr.shape[1] < 1:
         raise ValueError(f"image: expected shape [H, W, 3] (RGB), got {list(arr.shape)}")
     return arr
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """An encoded JPEG or PNG as RGB uint8 ``[H, W, 3]``; ``ValueError`` when it is not one or
+    is larger than ``max_pixels`` (checked from its header, before decoding)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as header:
+            fmt, (width, height) = header.format, header.size
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise ValueError(f"image: BYTES input is not a JPEG or PNG ({len(data)} bytes)") from None
+    if fmt not in ("JPEG", "PNG"):
+        raise ValueError(f"image: BYTES input is {fmt}; expected JPEG or PNG")
+    if width * height > max_pixels:
+        raise ValueError(f"image: {width} x {height} exceeds max_pixels={max_pixels}")
+    from moesaic.models.detector.yolo_ops import _cv2
+
+    cv2 = _cv2()
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.ndim != 3:
+        raise ValueError(f"image: the {fmt} could not be decoded")
+    return np.ascontiguousarray(bgr[..., ::-1])
 
 
 def _float_param(parameters: Mapping[str, Any], name: str, default: float) -> float:
@@ -83,7 +115,11 @@ class YoloProcessor(Processor):
         self.input_name = spec.name
         if len(spec.shape) == 4 and spec.shape[2] > 0 and spec.shape[2] == spec.shape[3]:
             self.imgsz = spec.shape[2]
-        return (TensorSpec("image", "UINT8", (-1, -1, 3)),)
+        return (TensorSpec("image", "UINT8", (-1, -1, 3), encoded=True),)
+
+    def input_format(self) -> str:
+        """What Describe says the model takes."""
+        return "image: UINT8 [H, W, 3] RGB, or BYTES [1] holding one JPEG or PNG"
 
     def sample_inputs(self) -> dict[str, np.ndarray]:
         """A mid-grey KITTI-sized frame (1242 x 375), what a road camera sends."""
@@ -101,7 +137,11 @@ class YoloProcessor(Processor):
     ) -> tuple[dict[str, np.ndarray], Any]:
         if "image" not in inputs:
             raise ValueError(f"missing input 'image'; got {sorted(inputs)}")
-        image = check_image(inputs["image"])
+        image = inputs["image"]
+        if image.dtype == object:  # BYTES [1]: one encoded image
+            raw = image.reshape(-1)[0]
+            image = decode_image(raw if isinstance(raw, bytes) else bytes(raw), self.config.max_pixels)
+        image = check_image(image)
         padded, info = letterbox(image, self.imgsz)
         conf = _float_param(parameters, "conf", self.config.conf)
         iou = _float_param(parameters, "iou", self.config.iou)
