@@ -238,17 +238,19 @@ def summarise(outcomes: list[Outcome]) -> dict[str, Any]:
     feasible = [o for o in outcomes if o.feasible]
     ok = [o for o in outcomes if o.code == "OK"]
     lat = [o.latency_ms for o in ok]
-    predicted = [o for o in ok if o.predicted_feasible]
+    predicted = [o for o in ok if o.predicted_feasible and o.budget_sent]
     return {
         "requests": len(outcomes),
         "feasible": len(feasible),
         "within_budget_of_feasible": sum(o.within for o in feasible) / max(len(feasible), 1),
-        "within_budget_of_predicted_feasible": sum(o.within for o in predicted) / max(len(predicted), 1),
+        "within_budget_of_predicted_feasible": (
+            sum(o.within for o in predicted) / len(predicted) if predicted else None
+        ),
         "shed": sum(o.code == "RESOURCE_EXHAUSTED" for o in outcomes) / max(len(outcomes), 1),
         "flagged": sum(o.code == "OK" and not o.budget_met for o in outcomes) / max(len(outcomes), 1),
         "errors": sum(o.code not in ("OK", "RESOURCE_EXHAUSTED") for o in outcomes),
         "silently_late": sum(
-            o.code == "OK" and o.budget_met and o.latency_ms > o.budget_ms for o in outcomes
+            o.code == "OK" and o.budget_sent and o.budget_met and o.latency_ms > o.budget_ms for o in outcomes
         ),
         "latency_ms_p50": float(np.percentile(lat, 50)) if lat else None,
         "latency_ms_p99": float(np.percentile(lat, 99)) if lat else None,
@@ -268,7 +270,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = r["within_budget_of_feasible"] / moe2[r["load"]] if moe2.get(r["load"]) else float("nan")
         lines.append(
             f"{r['policy']:<12}{r['load']:>6.0%}{r['requests']:>6}{r['within_budget_of_feasible']:>20.3f}"
-            f"{r['within_budget_of_predicted_feasible']:>10.3f}"
+            f"{_share(r['within_budget_of_predicted_feasible']):>10}"
             f"{r['shed']:>7.2f}{r['flagged']:>9.2f}{r['silently_late']:>8}"
             f"{r['latency_ms_p50'] or 0:>9.1f}{r['latency_ms_p99'] or 0:>9.1f}"
             f"{r['energy_mj_mean'] or 0:>8.0f}  {ratio:.2f}x"
@@ -319,6 +321,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "budgets_ms": budgets,
         "rows": rows,
     }
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _ms(costs: dict[str, float]) -> str:
