@@ -36,6 +36,8 @@ from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_response
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
 from moesaic.nodes.served import ServedModel
+from moesaic.nodes.shm import EXTENSION as SHM_EXTENSION
+from moesaic.nodes.shm import SystemSharedMemory
 from moesaic.nodes.validation import Decoded, RequestValidator
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort, status_of
@@ -70,7 +72,8 @@ class InferenceServicer:
         self.metrics = metrics
         self.is_ready = is_ready
         self.lifecycle = lifecycle
-        self.validator = RequestValidator(plane.ready_model)
+        self.shared_memory = SystemSharedMemory()  # the system shared-memory extension's regions
+        self.validator = RequestValidator(plane.ready_model, self.shared_memory)
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -97,6 +100,7 @@ class InferenceServicer:
                 "RepositoryIndex": typed(self.repository_index, pb.RepositoryIndexRequest),
                 "RepositoryModelLoad": typed(self.repository_load, pb.RepositoryModelLoadRequest),
                 "RepositoryModelUnload": typed(self.repository_unload, pb.RepositoryModelUnloadRequest),
+                **self.shared_memory.handlers(),
             },
         )
 
@@ -123,7 +127,7 @@ class InferenceServicer:
         return inference_pb2.ModelReadyResponse(ready=model.ready)
 
     def server_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        extensions = _EXTENSIONS if self.lifecycle is not None else []
+        extensions = [*(_EXTENSIONS if self.lifecycle is not None else []), SHM_EXTENSION]
         return inference_pb2.ServerMetadataResponse(
             name="moesaic", version=__version__, extensions=extensions
         )
@@ -218,9 +222,12 @@ class InferenceServicer:
             finally:
                 model.release()
             stages = reply.stages
+            outputs, in_regions = reply.outputs, b""
+            if request.output_regions:  # written into shared memory, listed after the others
+                outputs, in_regions = self.shared_memory.output_fields(outputs, request.output_regions)
             data_out = encode_response(
                 request.model.name,
-                reply.outputs,
+                outputs,
                 parameters={
                     "compute_ms": stages.compute * 1e3,
                     "queue_ms": stages.queue * 1e3,
@@ -232,6 +239,8 @@ class InferenceServicer:
                 request_id=request.request_id,
                 model_version=model.version_str,
             )
+            if in_regions:
+                data_out += in_regions
         except Exception as exc:
             code, _ = status_of(exc)
             self.metrics.requests.labels(method="ModelInfer", code=code.name).inc()

@@ -17,7 +17,7 @@ per-input checks, leaving a length check and a view per input.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from google.protobuf.message import DecodeError
 from moesaic.errors import InvalidInput, quote
 from moesaic.nodes.codec import decode_tensor, from_parameters, split_message, tensor_from_contents
 from moesaic.nodes.served import ServedModel
+from moesaic.nodes.shm import RegionRef, SystemSharedMemory, region_ref
 from moesaic.proto import inference_pb2
 
 __all__ = ["DEADLINE_PARAMETER", "Decoded", "RequestValidator", "validate_inputs"]
@@ -75,15 +76,28 @@ def validate_inputs(
     return out
 
 
-def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -> dict[str, np.ndarray]:
+def _check_inputs(
+    model: ServedModel, header: Any, raws: Sequence[memoryview], shm: SystemSharedMemory | None = None
+) -> dict[str, np.ndarray]:
     specs = model.input_specs
     tensors = header.inputs
-    if raws and len(raws) != len(tensors):
-        raise InvalidInput(f"raw_input_contents holds {len(raws)} entries for {len(tensors)} inputs")
+    # Inputs in shared memory take no raw_input_contents entry; the others take one each, in order.
+    refs = [region_ref(t.parameters, f"input {quote(t.name)}") if t.parameters else None for t in tensors]
+    travelling = sum(ref is None for ref in refs)
+    if raws and len(raws) != travelling:
+        raise InvalidInput(f"raw_input_contents holds {len(raws)} entries for {travelling} inputs")
+    contents = iter(raws)
     max_batch = model.spec.max_batch_size
     out: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(tensors):
+    for tensor, ref in zip(tensors, refs, strict=True):
         name = tensor.name
+        raw: Any = None
+        if ref is not None:
+            if shm is None:
+                raise InvalidInput(f"input {quote(name)}: this server has no shared memory regions")
+            raw = shm.read(ref, f"input {quote(name)}")
+        elif raws:
+            raw = next(contents)
         spec = specs.get(name)
         if spec is None:
             raise InvalidInput(
@@ -98,8 +112,8 @@ def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -
                     f"input {quote(name)}: BYTES shape {list(shape)}; expected [1] (one image)"
                 )
             out[name] = (
-                decode_tensor(name, "BYTES", shape, raws[i])
-                if raws
+                decode_tensor(name, "BYTES", shape, raw)
+                if raw is not None
                 else tensor_from_contents(name, "BYTES", shape, tensor.contents)
             )
             continue
@@ -113,8 +127,8 @@ def _check_inputs(model: ServedModel, header: Any, raws: Sequence[memoryview]) -
             )
         if max_batch and shape and shape[0] > max_batch:
             raise InvalidInput(f"input {quote(name)}: batch {shape[0]} exceeds max_batch_size {max_batch}")
-        if raws:
-            out[name] = decode_tensor(name, spec.datatype, shape, raws[i])
+        if raw is not None:
+            out[name] = decode_tensor(name, spec.datatype, shape, raw)
         else:
             out[name] = tensor_from_contents(name, spec.datatype, shape, tensor.contents)
     if len(out) != len(specs):
@@ -169,13 +183,18 @@ class Decoded:
     request_id: str
     model_version: str
     deadline_ms: float | None
+    output_regions: dict[str, RegionRef] = field(default_factory=dict)
+    """Requested outputs to write into shared-memory regions instead of the reply."""
 
 
 class RequestValidator:
     """Turns ``ModelInfer`` wire bytes into a :class:`Decoded` request, caching what it learnt."""
 
-    def __init__(self, ready_model: Callable[[str, str], ServedModel]) -> None:
+    def __init__(
+        self, ready_model: Callable[[str, str], ServedModel], shared_memory: SystemSharedMemory | None = None
+    ) -> None:
         self._ready_model = ready_model
+        self._shm = shared_memory
         self._accepted: dict[str, tuple[Mapping[str, Any], Accepted]] = {}
         self._plans: dict[bytes, Plan] = {}
 
@@ -193,17 +212,37 @@ class RequestValidator:
             except DecodeError as exc:
                 raise InvalidInput(f"malformed ModelInferRequest: {exc}", reason="malformed") from None
             model = self._ready_model(header.model_name, header.model_version)
-            inputs = validate_inputs(model, header, raws, self._accepted_for(model))
-            self._remember(header_bytes, header, model, inputs, raws)
+            in_regions = any(t.parameters for t in header.inputs)
+            if in_regions:  # shared memory (or other tensor parameters): checked in full, never planned
+                inputs = _check_inputs(model, header, raws, self._shm)
+            else:
+                inputs = validate_inputs(model, header, raws, self._accepted_for(model))
             parameters = from_parameters(header.parameters) if header.parameters else {}
             requested = [out.name for out in header.outputs]
             request_id, model_version = header.id, header.model_version
+            regions = _output_regions(header, self._shm)
+            if not in_regions and not regions:
+                self._remember(header_bytes, header, model, inputs, raws)
+            else:
+                return self._finish(model, inputs, parameters, requested, request_id, model_version, regions)
+        return self._finish(model, inputs, parameters, requested, request_id, model_version, {})
+
+    @staticmethod
+    def _finish(
+        model: ServedModel,
+        inputs: dict[str, np.ndarray],
+        parameters: dict[str, Any],
+        requested: Sequence[str],
+        request_id: str,
+        model_version: str,
+        regions: dict[str, RegionRef],
+    ) -> Decoded:
         for name in POINT_INPUTS & inputs.keys():
             array = inputs[name]
             if array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise InvalidInput(f"input {name!r}: holds NaN or infinite values", reason="not_finite")
         deadline_ms = _deadline_ms(parameters.pop(DEADLINE_PARAMETER, None)) if parameters else None
-        return Decoded(model, inputs, parameters, requested, request_id, model_version, deadline_ms)
+        return Decoded(model, inputs, parameters, requested, request_id, model_version, deadline_ms, regions)
 
     def _accepted_for(self, model: ServedModel) -> Accepted:
         """The model's cache of validated input signatures (new after a reload)."""
@@ -230,6 +269,18 @@ class RequestValidator:
             if len(plans) >= _PLAN_LIMIT:
                 plans.clear()
             plans[header_bytes] = Plan(model, header, inputs, raws)
+
+
+def _output_regions(header: Any, shm: SystemSharedMemory | None) -> dict[str, RegionRef]:
+    """Requested outputs that name a shared-memory region."""
+    regions = {}
+    for out in header.outputs:
+        ref = region_ref(out.parameters, f"output {quote(out.name)}") if out.parameters else None
+        if ref is not None:
+            if shm is None:
+                raise InvalidInput(f"output {quote(out.name)}: this server has no shared memory regions")
+            regions[out.name] = ref
+    return regions
 
 
 def _deadline_ms(value: Any) -> float | None:

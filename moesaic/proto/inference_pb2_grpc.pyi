@@ -8,8 +8,9 @@ Written from the public protocol definition (kserve/open-inference-protocol,
 numbers, so that Triton and KServe clients (tritonclient[grpc], kserve) talk to a moesaic
 node unchanged. Beside the six data-plane RPCs it defines Triton's model configuration
 (ModelConfig, the fields a moesaic node fills) and model repository extension
-(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload), with Triton's message names
-and field numbers; moesaic-specific calls live in moesaic.proto.
+(RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) and system shared-memory
+extension (SystemSharedMemoryStatus, SystemSharedMemoryRegister, SystemSharedMemoryUnregister),
+with Triton's message names and field numbers; moesaic-specific calls live in moesaic.proto.
 """
 
 from collections import abc as _abc
@@ -60,6 +61,12 @@ class GRPCInferenceServiceStub:
     """Load, or reload (new versions, changed config), one model of the repository."""
     RepositoryModelUnload: _grpc.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelUnloadRequest, _inference_pb2.RepositoryModelUnloadResponse]
     """Stop serving one model."""
+    SystemSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryStatusRequest, _inference_pb2.SystemSharedMemoryStatusResponse]
+    """Registered system shared-memory regions (one, or all when the name is empty)."""
+    SystemSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryRegisterRequest, _inference_pb2.SystemSharedMemoryRegisterResponse]
+    """Register a POSIX shared-memory object (a part of it) as a named region."""
+    SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryUnregisterRequest, _inference_pb2.SystemSharedMemoryUnregisterResponse]
+    """Forget a region (every region when the name is empty)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -84,6 +91,12 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Load, or reload (new versions, changed config), one model of the repository."""
     RepositoryModelUnload: _aio.UnaryUnaryMultiCallable[_inference_pb2.RepositoryModelUnloadRequest, _inference_pb2.RepositoryModelUnloadResponse]  # type: ignore[assignment]
     """Stop serving one model."""
+    SystemSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryStatusRequest, _inference_pb2.SystemSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """Registered system shared-memory regions (one, or all when the name is empty)."""
+    SystemSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryRegisterRequest, _inference_pb2.SystemSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    """Register a POSIX shared-memory object (a part of it) as a named region."""
+    SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryUnregisterRequest, _inference_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    """Forget a region (every region when the name is empty)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -165,5 +178,29 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.RepositoryModelUnloadResponse, _abc.Awaitable[_inference_pb2.RepositoryModelUnloadResponse]]:
         """Stop serving one model."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryStatus(
+        self,
+        request: _inference_pb2.SystemSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.SystemSharedMemoryStatusResponse, _abc.Awaitable[_inference_pb2.SystemSharedMemoryStatusResponse]]:
+        """Registered system shared-memory regions (one, or all when the name is empty)."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryRegister(
+        self,
+        request: _inference_pb2.SystemSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.SystemSharedMemoryRegisterResponse, _abc.Awaitable[_inference_pb2.SystemSharedMemoryRegisterResponse]]:
+        """Register a POSIX shared-memory object (a part of it) as a named region."""
+
+    @_abc_1.abstractmethod
+    def SystemSharedMemoryUnregister(
+        self,
+        request: _inference_pb2.SystemSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_inference_pb2.SystemSharedMemoryUnregisterResponse]]:
+        """Forget a region (every region when the name is empty)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,265 @@
+"""The KServe/Triton system shared-memory extension: frames handed over in memory, not over gRPC.
+
+A client on the node's host (the MQTT bridge, a camera process on a Jetson) creates a POSIX
+shared-memory object, registers it with the node and then names it in ``ModelInfer`` instead of
+sending the tensor bytes; tritonclient works unchanged::
+
+    import tritonclient.grpc as grpcclient
+    import tritonclient.utils.shared_memory as shm
+
+    handle = shm.create_shared_memory_region("frame", "/cam0_frame", nbytes)
+    shm.set_shared_memory_region(handle, [frame])
+    client.register_system_shared_memory("frame", "/cam0_frame", nbytes)
+    image = grpcclient.InferInput("image", list(frame.shape), "UINT8")
+    image.set_shared_memory("frame", nbytes)
+    client.infer("yolo-n", [image])
+
+RPCs: ``SystemSharedMemoryStatus``, ``SystemSharedMemoryRegister`` and
+``SystemSharedMemoryUnregister`` (an empty name: every region). An input tensor whose
+parameters name ``shared_memory_region`` (with ``shared_memory_byte_size`` and optionally
+``shared_memory_offset``) is read in place from that region (no copy; it takes no
+``raw_input_contents`` entry); a requested output with those parameters is written into its
+region, and the reply lists it without raw contents, after the outputs that travel. Keys are
+names of ``/dev/shm`` objects, as ``shm_open`` takes them; nothing else can be mapped.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from moesaic.errors import InvalidInput, NotFound, quote
+from moesaic.proto import inference_pb2
+from moesaic.rpc import abort
+
+__all__ = ["EXTENSION", "Region", "RegionRef", "SystemSharedMemory", "region_ref"]
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "system_shared_memory"
+"""The name ServerMetadata lists among the node's extensions."""
+
+SHM_ROOT = Path("/dev/shm")
+_REGION, _SIZE, _OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
+
+
+@dataclass(frozen=True)
+class RegionRef:
+    """Where one tensor lives: a registered region's name, offset and byte size within it."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+def region_ref(parameters: Mapping[str, Any], what: str) -> RegionRef | None:
+    """The region a tensor's parameters name, or None; :class:`InvalidInput` naming ``what``."""
+    if _REGION not in parameters:
+        return None
+    params = {key: parameters[key] for key in (_REGION, _SIZE, _OFFSET) if key in parameters}
+    values = {
+        key: getattr(p, p.WhichOneof("parameter_choice") or "string_param") for key, p in params.items()
+    }
+    region = values[_REGION]
+    if not isinstance(region, str) or not region:
+        raise InvalidInput(f"{what}: {_REGION} must name a region")
+    size, offset = values.get(_SIZE), values.get(_OFFSET, 0)
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(f"{what}: {_SIZE} must be a byte count, got {size!r}")
+    if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+        raise InvalidInput(f"{what}: {_OFFSET} must be a byte offset, got {offset!r}")
+    return RegionRef(region, offset, size)
+
+
+class Region:
+    """One registered region: ``byte_size`` bytes at ``offset`` of the shared-memory object ``key``."""
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
+        path = _object_path(key)
+        try:
+            fd = os.open(path, os.O_RDWR)
+        except OSError as exc:
+            raise InvalidInput(
+                f"shared memory key {quote(key)}: cannot open {path}: {exc.strerror}"
+            ) from None
+        try:
+            size = os.fstat(fd).st_size
+            if offset + byte_size > size or byte_size == 0:
+                raise InvalidInput(
+                    f"shared memory region {quote(name)}: offset {offset} + byte_size {byte_size} "
+                    f"does not fit the {size} bytes of {quote(key)}"
+                )
+            self._map = mmap.mmap(fd, offset + byte_size)
+        finally:
+            os.close(fd)
+        self.view = memoryview(self._map)[offset : offset + byte_size]
+
+    def slice(self, ref: RegionRef, what: str) -> memoryview:
+        """The bytes ``ref`` names, in place; :class:`InvalidInput` naming ``what`` when outside."""
+        if ref.offset + ref.byte_size > self.byte_size:
+            raise InvalidInput(
+                f"{what}: offset {ref.offset} + byte_size {ref.byte_size} exceed region "
+                f"{quote(self.name)} ({self.byte_size} bytes)"
+            )
+        return self.view[ref.offset : ref.offset + ref.byte_size]
+
+    def close(self) -> None:
+        """Unmap; arrays still reading it (a request in flight) keep it mapped until they go."""
+        self.view.release()
+        try:
+            self._map.close()
+        except BufferError:  # exported to an array of a request still running: unmapped with it
+            log.debug("region %s still in use; unmapped when its last reader finishes", self.name)
+
+
+def _object_path(key: str) -> Path:
+    name = key[1:] if key.startswith("/") else key
+    if not name or "/" in name or name in (".", ".."):
+        raise InvalidInput(f"shared memory key {quote(key)}: expected a name like '/frame0' (shm_open)")
+    return SHM_ROOT / name
+
+
+class SystemSharedMemory:
+    """The node's registered system shared-memory regions, by name (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._regions: dict[str, Region] = {}
+        self._lock = threading.Lock()
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        if not name:
+            raise InvalidInput("shared memory region: a name is needed")
+        with self._lock:
+            if name in self._regions:
+                raise InvalidInput(
+                    f"shared memory region {quote(name)} is already registered", reason="already_exists"
+                )
+            self._regions[name] = Region(name, key, offset, byte_size)
+        log.info("registered shared memory region %s (%s, %d bytes at %d)", name, key, byte_size, offset)
+
+    def unregister(self, name: str) -> None:
+        """Forget ``name`` (every region when empty); unknown names are no error, as in Triton."""
+        with self._lock:
+            names = list(self._regions) if not name else [name] if name in self._regions else []
+            regions = [self._regions.pop(n) for n in names]
+        for region in regions:
+            region.close()
+
+    def status(self, name: str = "") -> list[Region]:
+        with self._lock:
+            if name and name not in self._regions:
+                raise NotFound(f"shared memory region {quote(name)} is not registered")
+            return [r for n, r in self._regions.items() if not name or n == name]
+
+    def read(self, ref: RegionRef, what: str) -> memoryview:
+        """The bytes of a tensor in a region."""
+        with self._lock:
+            region = self._regions.get(ref.region)
+        if region is None:
+            raise InvalidInput(f"{what}: shared memory region {quote(ref.region)} is not registered")
+        return region.slice(ref, what)
+
+    def write(self, ref: RegionRef, array: np.ndarray, what: str) -> None:
+        """Write an output tensor's bytes into its region."""
+        if array.dtype == object:
+            from moesaic.nodes.codec import serialize_bytes_tensor
+
+            data = np.frombuffer(serialize_bytes_tensor(array), np.uint8)
+        else:
+            data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+        target = self.read(ref, what)
+        if data.nbytes > len(target):
+            raise InvalidInput(f"{what}: {data.nbytes} bytes do not fit the {len(target)} bytes given")
+        target[: data.nbytes] = data.data
+
+    def close(self) -> None:
+        self.unregister("")
+
+    # -------------------------------------------------------------- gRPC adapters
+
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """The extension's three RPCs, for ``inference.GRPCInferenceService``."""
+        pb = inference_pb2
+
+        def typed(fn: Callable[[Any], Any], request: Any) -> grpc.RpcMethodHandler:
+            def call(req: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return fn(req)
+                except Exception as exc:
+                    abort(context, exc)
+
+            return grpc.unary_unary_rpc_method_handler(
+                call,
+                request_deserializer=request.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+
+        return {
+            "SystemSharedMemoryStatus": typed(self._status_rpc, pb.SystemSharedMemoryStatusRequest),
+            "SystemSharedMemoryRegister": typed(self._register_rpc, pb.SystemSharedMemoryRegisterRequest),
+            "SystemSharedMemoryUnregister": typed(
+                self._unregister_rpc, pb.SystemSharedMemoryUnregisterRequest
+            ),
+        }
+
+    def _status_rpc(self, request: Any) -> Any:
+        reply = inference_pb2.SystemSharedMemoryStatusResponse()
+        for region in self.status(request.name):
+            reply.regions[region.name].CopyFrom(
+                inference_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return reply
+
+    def _register_rpc(self, request: Any) -> Any:
+        self.register(request.name, request.key, request.offset, request.byte_size)
+        return inference_pb2.SystemSharedMemoryRegisterResponse()
+
+    def _unregister_rpc(self, request: Any) -> Any:
+        self.unregister(request.name)
+        return inference_pb2.SystemSharedMemoryUnregisterResponse()
+
+    def output_fields(
+        self, outputs: Mapping[str, np.ndarray], refs: Mapping[str, RegionRef]
+    ) -> tuple[dict[str, np.ndarray], bytes]:
+        """Write the outputs that go to regions; (the outputs that travel, the reply's entries
+        for those in regions: name, datatype, shape and the region parameters, no contents)."""
+        from moesaic.runtime.engine import datatype_of
+
+        travel = {k: v for k, v in outputs.items() if k not in refs}
+        entries = []
+        for name, ref in refs.items():
+            if name not in outputs:
+                continue
+            array = outputs[name]
+            self.write(ref, array, f"output {quote(name)}")
+            tensor = inference_pb2.ModelInferResponse.InferOutputTensor(
+                name=name, datatype=datatype_of(array.dtype), shape=array.shape
+            )
+            tensor.parameters[_REGION].string_param = ref.region
+            tensor.parameters[_SIZE].int64_param = ref.byte_size
+            if ref.offset:
+                tensor.parameters[_OFFSET].int64_param = ref.offset
+            body = tensor.SerializeToString()
+            entries.append(b"\x2a" + _varint(len(body)) + body)
+        return travel, b"".join(entries)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
