@@ -158,9 +158,7 @@ async def test_energy_budget_limits_the_set_and_unmeetable_budget_says_so(two_no
     x = np.zeros(FEATURES, np.float32)
     async with coordinator(config) as (stub, _):
         one = await stub.Perceive(x_request(x, energy_mj=15), timeout=10)
-        assert [e.expert_id for e in one.experts] == ["cls-a"] and one.experts[0].weight == pytest.approx(
-            1.0
-        )
+        assert [e.expert_id for e in one.experts] == ["cls-a"] and one.experts[0].weight == pytest.approx(1.0)
         assert one.predicted_energy_mj <= 15
         # 0.5 ms cannot fit the 2 ms overhead: the cheapest expert runs and the reply says so.
         late = await stub.Perceive(x_request(x, latency_ms=0.5), timeout=10)
