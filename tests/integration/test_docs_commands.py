@@ -7,9 +7,13 @@ venv's ``bin`` (``moesaic``, ``python``). Python blocks run through ``python -``
 the run private on a shared machine: ``/tmp/`` becomes a temporary folder, and every loopback
 port (``127.0.0.1:N``, ``0.0.0.0:N``) a free one, the same everywhere in the file.
 
-A block opts out with a visible comment on the line before it, and the test prints the reason::
+A block opts out with a visible comment on the line before it; each opted-out block is a
+skipped test case whose reason pytest's ``-ra`` summary lists::
 
     <!-- docs-test: skip (needs a GPU) -->
+
+A failure names the file, the block and the line (``docs/node.md:169 (sh block), line 172: ...
+failed (exit 1)``) above the blocks' output.
 
 ``<!-- docs-test: expect REGEX -->`` before a block makes its output have to match REGEX (the
 README's client snippet: its budget holds).
@@ -29,8 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-pytestmark = pytest.mark.slow  # ~1.5 min on the 2-core VM; `make test` runs slow tests too
 
 REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -54,7 +56,8 @@ class Block:
     expect: str | None = None
 
     def name(self, doc: Path) -> str:
-        return f"{doc.relative_to(REPO)}:{self.line} ({self.lang} block)"
+        shown = doc.relative_to(REPO) if doc.is_relative_to(REPO) else doc.name
+        return f"{shown}:{self.line} ({self.lang} block)"
 
 
 def blocks(doc: Path) -> list[Block]:
@@ -128,42 +131,28 @@ def test_command_blocks_are_labelled() -> None:
     assert not unlabelled, f"command blocks without a language: {unlabelled}"
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
-def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
-    every = [b for b in blocks(doc) if b.lang in RUNNABLE]
-    for b in every:
-        if b.skip is not None:
-            assert b.skip.strip(), f"{b.name(doc)}: a skip needs a reason"
-            print(f"skipped {b.name(doc)}: {b.skip}")
-    runnable = [b for b in every if b.skip is None]
-    if not runnable:
-        pytest.skip(f"{doc.name}: every command block is opted out (reasons printed above)")
-
-    work = tmp_path / "repo"
-    tracked = subprocess.run(
-        ["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True
-    ).stdout.decode()
-    for rel in filter(None, tracked.split("\0")):
+def copy_tracked(work: Path) -> None:
+    """The repository's tracked files, as a fresh clone has them (with this tree's edits)."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
+    for rel in filter(None, tracked.decode().split("\0")):
         src = REPO / rel
         if src.is_file():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
+
+
+def run_doc(doc: Path, runnable: list[Block], tmp_path: Path, cwd: Path) -> str | None:
+    """Run the blocks in one bash session in ``cwd``; None, or what failed and its output."""
     scratch, outputs = tmp_path / "tmp", tmp_path / "out"
     scratch.mkdir()
     outputs.mkdir()
     text, where = script(doc, runnable, scratch, outputs)
     (tmp_path / "docs.sh").write_text(text)
-
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["TMPDIR"] = str(scratch)
     env["MOESAIC_CACHE_DIR"] = str(tmp_path / "cache")
-    proc = subprocess.Popen(
-        ["bash", str(tmp_path / "docs.sh")],
-        cwd=work,
-        env=env,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(["bash", str(tmp_path / "docs.sh")], cwd=cwd, env=env, start_new_session=True)
     try:
         proc.communicate(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -172,22 +161,79 @@ def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
     finally:
         with contextlib.suppress(ProcessLookupError):  # what the blocks left running
             os.killpg(proc.pid, signal.SIGKILL)
-    log = "".join(
-        (outputs / f"{k}.out").read_text(errors="replace")
-        for k in range(len(runnable))
-        if (outputs / f"{k}.out").exists()
-    )
+    outs = [outputs / f"{k}.out" for k in range(len(runnable))]
+    log = "".join(o.read_text(errors="replace") for o in outs if o.exists())
     print(log)
-    if proc.returncode in (-signal.SIGKILL, None):
-        pytest.fail(f"{doc.name}: the command blocks ran past {TIMEOUT_S} s\n{log[-4000:]}")
-    failed = re.search(rf"{FAILED} (\d+) (\d+): (.*)", log)
+    if proc.returncode == -signal.SIGKILL:
+        return f"{doc.name}: the command blocks ran past {TIMEOUT_S} s\n{log[-4000:]}"
+    failed = re.search(rf"{FAILED} (\d+) (\d+): ", log)
     if failed or proc.returncode != 0:
-        at = where.get(int(failed.group(1)), "?") if failed else "?"
+        at = where.get(int(failed.group(1)), "?") if failed else doc.name
         code = failed.group(2) if failed else proc.returncode
-        pytest.fail(f"{at} failed (exit {code})\n{log[-4000:]}")
-    for k, b in enumerate(runnable):
-        if b.expect is not None:
-            out = (outputs / f"{k}.out").read_text()
-            assert re.search(b.expect, out, re.MULTILINE), (
-                f"{b.name(doc)}: output does not match {b.expect!r}:\n{out}"
-            )
+        return f"{at} failed (exit {code})\n{log[-4000:]}"
+    for b, out in zip(runnable, outs, strict=True):
+        if b.expect is not None and not re.search(b.expect, out.read_text(), re.MULTILINE):
+            return f"{b.name(doc)}: output does not match {b.expect!r}:\n{out.read_text()[-4000:]}"
+    return None
+
+
+def runnable_blocks(doc: Path) -> list[Block]:
+    """The blocks that run; prints each opted-out block with its reason."""
+    every = [b for b in blocks(doc) if b.lang in RUNNABLE]
+    for b in every:
+        if b.skip is not None:
+            assert b.skip.strip(), f"{b.name(doc)}: a skip needs a reason"
+            print(f"skipped {b.name(doc)}: {b.skip}")
+    return [b for b in every if b.skip is None]
+
+
+@pytest.mark.slow  # ~2 min for all files on the 2-core VM; `make test` runs slow tests too
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
+def test_doc_commands_run(doc: Path, tmp_path: Path) -> None:
+    runnable = runnable_blocks(doc)
+    if not runnable:
+        pytest.skip(f"{doc.name}: every command block is opted out (reasons printed above)")
+    copy_tracked(tmp_path / "repo")
+    failure = run_doc(doc, runnable, tmp_path, tmp_path / "repo")
+    if failure:
+        pytest.fail(failure)
+
+
+OPTED_OUT = [(doc, b) for doc in DOCS for b in blocks(doc) if b.lang in RUNNABLE and b.skip is not None]
+
+
+@pytest.mark.parametrize(("doc", "block"), OPTED_OUT, ids=[b.name(d) for d, b in OPTED_OUT])
+def test_opted_out(doc: Path, block: Block) -> None:
+    """Each opted-out block, listed with its reason among the skipped tests."""
+    assert block.skip and block.skip.strip(), f"{block.name(doc)}: a skip needs a reason"
+    pytest.skip(f"{block.name(doc)}: {block.skip}")
+
+
+FAKE_DOC = """# A page
+
+<!-- docs-test: skip (never runs) -->
+```sh
+touch skipped
+```
+
+```sh
+sleep 300 &                  # a server left running is stopped at the end
+echo one > one
+python -c "import sys; sys.exit(3)"
+touch never
+```
+"""
+
+
+def test_a_failing_line_is_named(tmp_path: Path) -> None:
+    doc = tmp_path / "page.md"
+    doc.write_text(FAKE_DOC)
+    runnable = runnable_blocks(doc)
+    assert [b.line for b in runnable] == [8]
+    (tmp_path / "cwd").mkdir()
+    failure = run_doc(doc, runnable, tmp_path, tmp_path / "cwd")
+    assert failure is not None
+    assert failure.startswith(
+        'page.md:8 (sh block), line 11: python -c "import sys; sys.exit(3)" failed (exit 3)'
+    )
+    assert sorted(p.name for p in (tmp_path / "cwd").iterdir()) == ["one"]
