@@ -102,6 +102,8 @@ class NodeBounds(NamedTuple):
     """[T, C] B3 per candidate: bound over the completions containing it (+inf elsewhere)."""
     sizes: np.ndarray
     """[T] at most this many candidates fit together (also bounds every subset of them)."""
+    lean: np.ndarray
+    """[T, C] how much B1 leans on each candidate (the search's branching order), when asked."""
 
     @property
     def bound(self) -> np.ndarray:
@@ -119,10 +121,14 @@ class Pool(NamedTuple):
     """[C, M] a = g q."""
     b: np.ndarray
     """[C, M] b = g."""
+    q: np.ndarray
+    """[C, M] q."""
     q_order: np.ndarray
-    """[C, 2M] the pool position of each sample's rank-p candidate by q (twice: a and b halves)."""
-    ab_by_q: np.ndarray
-    """[C, 2M] a | b of each sample's rank-p candidate."""
+    """[C, M] the pool position of each sample's rank-p candidate by q."""
+    a_by_q: np.ndarray
+    """[C, M] a of each sample's rank-p candidate."""
+    b_by_q: np.ndarray
+    """[C, M] b of each sample's rank-p candidate."""
     by_b: np.ndarray
     """[<=K, M] pool positions of each sample's K largest b (K = _TOP)."""
     top_b: np.ndarray
@@ -144,11 +150,13 @@ class RatioBounds:
         self.ab_t = np.hstack([self.a_t, self.b_t])  # [N, 2M]: the base row an expert adds
         self._q_order = np.argsort(-q, axis=1, kind="stable")  # [M, N]: experts by q descending
         self._cols = np.arange(self.m)
-        # Work space for the [T, C, 2M] arrays of :meth:`evaluate`, reused across calls: a fresh
-        # allocation that large is mapped from the OS, and its page faults cost more than the
-        # arithmetic.
+        # Work space for the large arrays of :meth:`evaluate` ([C, 2M, T], [T, M, k]), reused
+        # across calls: a fresh allocation over ~128 kB is mapped from the OS, and its page
+        # faults cost more than the arithmetic.
         self._work = np.empty((2, BATCH * self.n * 2 * self.m))
+        self._helped = np.empty(BATCH * self.n * self.m, bool)
         self._steps = np.arange(self.n)
+        self._float_steps = np.arange(self.n, dtype=np.float64)
 
     def empty_base(self) -> np.ndarray:
         """The base row of the empty chosen set."""
@@ -168,27 +176,30 @@ class RatioBounds:
         q_order = self._q_order
         ranked = q_order[position.take(q_order) >= 0].reshape(self.m, c).T  # [C, M] experts
         flat = ranked * self.m + self._cols
-        by_q = np.hstack([self.a_t.take(flat), self.b_t.take(flat)])
         local = position.take(ranked)
-        a, b = self.a_t.take(ids, axis=0), self.b_t.take(ids, axis=0)
+        a, b, q = self.a_t.take(ids, axis=0), self.b_t.take(ids, axis=0), self.q_t.take(ids, axis=0)
         by_b = np.argsort(-b, axis=0, kind="stable")[: _TOP + 1]  # [<=K+1, M] pool positions
         top_b = np.zeros((_TOP + 1, self.m))
         top_b[: len(by_b)] = np.take_along_axis(b, by_b, axis=0)
-        return Pool(ids, a, b, np.hstack([local, local]), by_q, by_b[:_TOP], top_b)
+        return Pool(ids, a, b, q, local, self.a_t.take(flat), self.b_t.take(flat), by_b[:_TOP], top_b)
 
-    def evaluate(self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray) -> NodeBounds:
+    def evaluate(
+        self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, *, lean: bool = False
+    ) -> NodeBounds:
         """B1-B3 of T nodes: ``base`` [T, 2M] (A | G of each chosen set), ``masks`` [T, C] (its
         candidates, within ``pool``) and ``sizes`` [T] (at most this many fit together, >= 1).
-        ``forced`` comes back over the pool, [T, C]."""
+        ``forced`` and ``lean`` (computed when asked, else 0) come back over the pool, [T, C]."""
         parts = [
-            self._evaluate(pool, base[r : r + BATCH], masks[r : r + BATCH], sizes[r : r + BATCH])
+            self._evaluate(pool, base[r : r + BATCH], masks[r : r + BATCH], sizes[r : r + BATCH], lean)
             for r in range(0, len(masks), BATCH)
         ]
         if len(parts) == 1:
             return parts[0]
         return NodeBounds(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
-    def _evaluate(self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray) -> NodeBounds:
+    def _evaluate(
+        self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, lean: bool
+    ) -> NodeBounds:
         """:meth:`evaluate` for at most BATCH nodes, in as few numpy calls as possible (on a
         busy 2-core host a call costs several microseconds). The [C, 2M] work arrays keep the
         nodes on their last axis, so a gather by rank moves T values at a time and running
@@ -200,12 +211,13 @@ class RatioBounds:
         num, den = base[:, :m], base[:, m:]  # [T, M]
         # B1: running sums of each sample's candidates in q order, best prefix.
         sums = self._work[0, : c * 2 * m * t].reshape(c, 2 * m, t)
-        np.take(flags, pool.q_order, axis=0, out=sums, mode="clip")  # "clip": no checked copy
-        sums *= pool.ab_by_q[:, :, None]
+        scratch = self._work[1, : c * m * t].reshape(c, m, t)
+        np.take(flags, pool.q_order, axis=0, out=scratch, mode="clip")  # "clip": no checked copy
+        np.multiply(scratch, pool.a_by_q[:, :, None], out=sums[:, :m])
+        np.multiply(scratch, pool.b_by_q[:, :, None], out=sums[:, m:])
         sums[0] += base.T
         for p in range(1, c):
             sums[p] += sums[p - 1]
-        scratch = self._work[1, : c * m * t].reshape(c, m, t)
         best = np.divide(sums[:, :m], sums[:, m:], out=scratch).max(axis=0)  # [M, T]
         ratio = np.maximum(best.T, num / den)
         logs = np.log(np.maximum(ratio, PROB_FLOOR))  # [T, M]
@@ -229,16 +241,18 @@ class RatioBounds:
             first = np.where(present[p], pool.top_b[p][:, None], first)
         first, second = np.ascontiguousarray(first.T), np.ascontiguousarray(second.T)  # [T, M]
         total = flags.T @ pool.b  # [T, M]
-        cap = second[..., None] * steps  # (j - 1) x the second largest
+        weight, rho_weight = self._work[:, : t * m * k].reshape(2, t, m, k)  # reuse: see __init__
+        cap = np.multiply(second[..., None], self._float_steps[:k], out=weight)  # (j-1) x 2nd largest
         cap += first[..., None]
         np.minimum(cap, total[..., None], out=cap)
         if tail:
             cap[..., -1] = total
         cap += den[..., None]
         cap *= rho[..., None]
-        weight = np.reciprocal(cap, out=cap)  # [T, M, k]
+        np.reciprocal(cap, out=weight)  # [T, M, k]
         const = ((rho * den - num)[:, None, :] @ weight)[:, 0, :]  # c_j [T, k]
-        slope = pool.b @ (rho[..., None] * weight) - pool.a @ weight  # W [T, C, k]
+        np.multiply(weight, rho[..., None], out=rho_weight)
+        slope = pool.b @ rho_weight - pool.a @ weight  # W [T, C, k]
         slope[~masks] = _BIG
         ranked = np.sort(slope, axis=1)
         prefix = np.cumsum(ranked, axis=1)  # [T, C, k]: sum of the p + 1 smallest
@@ -261,7 +275,14 @@ class RatioBounds:
         b2 = (base_b2 + linear.min(axis=1)) / m
         forced = (forced.min(axis=2) + base_b2[:, None]) / m
         forced[~masks] = np.inf
-        return NodeBounds(b1, b2, ratio, forced, sizes)
+        leans = np.zeros(masks.shape)
+        if lean:  # how much B1 leans on each candidate: its share of each sample's best extension
+            helped = np.greater(pool.q, ratio[:, None, :], out=self._helped[: t * c * m].reshape(t, c, m))
+            helped &= masks[:, :, None]
+            share = np.multiply(helped, pool.a, out=self._work[1, : t * c * m].reshape(t, c, m))
+            top = num + share.sum(axis=1)  # [T, M]
+            leans = (share @ (1.0 / np.maximum(top, TINY))[..., None])[..., 0]
+        return NodeBounds(b1, b2, ratio, forced, sizes, leans)
 
 
 class Capacity:

@@ -44,7 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from moesaic.coordinator.bounds import PROB_FLOOR, TINY, Capacity, NodeBounds, RatioBounds
+from moesaic.coordinator.bounds import PROB_FLOOR, Capacity, NodeBounds, RatioBounds
 
 __all__ = [
     "GATE_FLOOR",
@@ -306,7 +306,14 @@ class _Search:
         return dev_time, float(self.energy[list(chosen)].sum())
 
     def _evaluate(
-        self, base: np.ndarray, masks: np.ndarray, dev_time: np.ndarray, energy: np.ndarray, sizes: np.ndarray
+        self,
+        base: np.ndarray,
+        masks: np.ndarray,
+        dev_time: np.ndarray,
+        energy: np.ndarray,
+        sizes: np.ndarray,
+        *,
+        lean: bool = False,
     ) -> NodeBounds:
         """Bounds of T nodes: base [T, 2M], non-empty candidate masks [T, N], costs [T, D] and
         [T]. ``sizes`` [T] bounds how many candidates fit together where already known (a row
@@ -322,10 +329,12 @@ class _Search:
         pool = self.bounds.pool(np.flatnonzero(masks.any(axis=0)))
         local = masks[:, pool.ids]
         sizes = np.clip(sizes, 1, local.sum(axis=1))  # a larger count only weakens B2
-        nb = self.bounds.evaluate(pool, base, local, sizes)
+        nb = self.bounds.evaluate(pool, base, local, sizes, lean=lean)
         forced = np.full(masks.shape, np.inf)
         forced[:, pool.ids] = nb.forced
-        return nb._replace(forced=forced, sizes=sizes)
+        leans = np.zeros(masks.shape)
+        leans[:, pool.ids] = nb.lean
+        return nb._replace(forced=forced, sizes=sizes, lean=leans)
 
     def bound(self, chosen: Sequence[int], cands: Sequence[int]) -> float:
         """Lower bound max(B1, B2) on L(I ∪ T) over every T ⊆ cands (T may be empty when I is not);
@@ -354,7 +363,12 @@ class _Search:
         base = self.bounds.empty_base()[None]
         dev_time, energy = np.zeros((1, self.n_dev)), np.zeros(1)
         level: _Nodes | None = _Nodes(
-            [()], base, dev_time, energy, root, self._evaluate(base, root, dev_time, energy, np.full(1, -1))
+            [()],
+            base,
+            dev_time,
+            energy,
+            root,
+            self._evaluate(base, root, dev_time, energy, np.full(1, -1), lean=True),
         )
         while level is not None:
             level = self._expand(level)
@@ -366,7 +380,7 @@ class _Search:
         open_ = np.flatnonzero(nb.bound < stop)
         masks = level.mask[open_] & (nb.forced[open_] < stop)  # B3: fixed out
         orders = [
-            self._order(level.base[i], nb.ratio[i], np.flatnonzero(mk))
+            (c := np.flatnonzero(mk))[np.argsort(-nb.lean[i, c], kind="stable")]
             for i, mk in zip(open_, masks, strict=True)
         ]
         # Exclude chains, in stages: row t of node f drops v_0..v_(t-1). A node's chain ends at
@@ -420,18 +434,11 @@ class _Search:
         if live.size == 0:
             return None
         rows_nb = self._evaluate(
-            base[live], child[live], dev_time[live], energy[live], np.full(live.size, -1)
+            base[live], child[live], dev_time[live], energy[live], np.full(live.size, -1), lean=True
         )
         return _Nodes(
             [chosen[r] for r in live], base[live], dev_time[live], energy[live], child[live], rows_nb
         )
-
-    def _order(self, base: np.ndarray, ratio: np.ndarray, cands: np.ndarray) -> np.ndarray:
-        """Candidates by how much B1 leans on them, most first."""
-        helped = self.bounds.q_t[cands] > ratio
-        share = helped * self.bounds.a_t[cands]
-        lean = share @ (1.0 / np.maximum(base[: self.m] + share.sum(axis=0), TINY))
-        return cands[np.argsort(-lean, kind="stable")]
 
     # -- incumbent ---------------------------------------------------------------------
     def _incumbent(self, root: np.ndarray) -> None:
