@@ -29,9 +29,11 @@ mixture of all the others.
     1 - r_i(S) / ρ_i = z_i(U) / (ρ_i D_i(U)),   z_i(U) = (ρ_i G_i - A_i) + Σ_{u∈U} (ρ_i b_iu - a_iu),
 
 with D_i(U) = G_i + Σ_{u∈U} b_iu. Because ρ_i >= r_i(S), z_i(U) >= 0 for *every* U, so
-replacing D_i(U) by an upper bound only lowers the term: D_i(U) <= B_ij, where B_ij is G_i plus
-min(b_(1) + (j - 1) min(b_(1), Σ_C b - b_(1)), Σ_C b) with b_(1) the largest candidate b_iu (the
-second largest is at most both b_(1) and the rest of the sum). Hence, for every U of size j,
+replacing D_i(U) by an upper bound only lowers the term: D_i(U) <= B_ij = G_i +
+min(b'_1 + (j - 1) b'_2, Σ_C b), where b'_1 >= b'_2 bound the two largest candidate b_iu (the
+first and second candidates present among a pool's K largest b_iu, else the (K+1)-th largest,
+which no other candidate exceeds). Sizes j >= ``EXACT_SIZES`` share the cap G_i + Σ_C b. Hence,
+for every U of size j,
 
     M L(S) >= Σ_i -log ρ_i + c_j + Σ_{u∈U} W_ju,
     c_j = Σ_i (ρ_i G_i - A_i) / (ρ_i B_ij),   W_ju = Σ_i (ρ_i b_iu - a_iu) / (ρ_i B_ij),
@@ -42,7 +44,9 @@ the j smallest W_ju, and over every completion of the node
 
     L(S) >= min_{1<=j<=k} (Σ_i -log ρ_i + c_j + Σ_{j smallest} W_j) / M              (B2)
 
-where k bounds how many candidates fit together (:class:`Capacity`); the empty completion is I
+where k bounds how many candidates fit together (:class:`Capacity`). For the shared column the
+running sums of the sorted W are convex in j (sorted increments), so their minimum over a range
+of sizes sits at the count of negative W clipped to the range. The empty completion is I
 itself, whose loss the search has already offered as an incumbent. The loss floors r at
 PROB_FLOOR; where r_i(S) < PROB_FLOOR the tangent exceeds the floored loss by at most
 PROB_FLOOR / ρ_i <= PROB_FLOOR / R_MIN, which B2 subtracts per sample.
@@ -53,13 +57,18 @@ W_j, i.e. c_j + (sum of the j - 1 smallest W_j) + max(W_ju, j-th smallest W_j). 
 over j reaches the incumbent, no better completion of the node contains u: u leaves the
 candidates of the node's whole subtree, and the node's include-u child is never built.
 
-On adversarial instances (quality correlated with cost, budgets at the knee) B2 and B3 cut the
-branch-and-bound tree 5-7x against B1 alone, for two small matrix products per node.
+On adversarial instances (quality correlated with cost, budgets at the knee: ``bench/selection.py
+--adversarial``) B2 and B3 cut the branch-and-bound tree 5-10x against B1 alone, for two small
+matrix products per node. Refinements measured and left out, as they cost more per node than
+they pruned: exact caps for more than the two largest b (no fewer nodes), the best single
+addition as ρ for j = 1 (-4% nodes), a second tangent point per sample (-6%), float32 running
+sums for B1 (their rounding margin alone cost ~50% more nodes: many bounds land within 1e-5 of
+the incumbent).
 
 Budgets enter through the candidates: the search keeps in C only experts that still fit beside
 I (energy sum, per-device latency sum), and :class:`Capacity` bounds how many of them fit
-together. :meth:`RatioBounds.evaluate` computes B1-B3 for a batch of nodes at once (a node's
-exclude chain, or its include children), so numpy's per-call cost is paid once per batch.
+together. :meth:`RatioBounds.evaluate` computes B1-B3 for a batch of nodes at once, so numpy's
+per-call cost is paid once per batch.
 """
 
 from __future__ import annotations
@@ -78,7 +87,9 @@ R_MIN = 1e-3
 TINY = 1e-300
 """Added to a denominator that is 0 only for the empty chosen set, where A = 0 too."""
 BATCH = 32
-"""Nodes bounded per pass of :meth:`RatioBounds.evaluate` (sizes its work space)."""
+"""Nodes bounded per pass of :meth:`RatioBounds.evaluate`, at most (see _WORK_BYTES)."""
+_WORK_BYTES = 16 << 20
+"""Work space of one :class:`RatioBounds`; large tables get smaller passes."""
 EXACT_SIZES = 6
 """B2 gives each completion size j < this its own cap B_ij; larger sizes share the cap G + Σ_C b
 (the minimum over j is almost always at j <= 3, and each exact size costs a column)."""
@@ -112,8 +123,8 @@ class NodeBounds(NamedTuple):
 
 
 class Pool(NamedTuple):
-    """The candidates of one expanded node, as :meth:`RatioBounds.pool` lays them out: every node
-    of its subtree draws its candidates from these, as a mask [T, C] over ``ids``."""
+    """Candidate experts laid out for :meth:`RatioBounds.evaluate`: the nodes of a batch draw
+    their candidates from these, as masks [T, C] over ``ids``."""
 
     ids: np.ndarray
     """[C] expert indices."""
@@ -153,8 +164,9 @@ class RatioBounds:
         # Work space for the large arrays of :meth:`evaluate` ([C, 2M, T], [T, M, k]), reused
         # across calls: a fresh allocation over ~128 kB is mapped from the OS, and its page
         # faults cost more than the arithmetic.
-        self._work = np.empty((2, BATCH * self.n * 2 * self.m))
-        self._helped = np.empty(BATCH * self.n * self.m, bool)
+        self.batch = max(1, min(BATCH, _WORK_BYTES // (2 * 8 * self.n * 2 * self.m)))
+        self._work = np.empty((2, self.batch * self.n * 2 * self.m))
+        self._helped = np.empty(self.batch * self.n * self.m, bool)
         self._steps = np.arange(self.n)
         self._float_steps = np.arange(self.n, dtype=np.float64)
 
@@ -189,9 +201,10 @@ class RatioBounds:
         """B1-B3 of T nodes: ``base`` [T, 2M] (A | G of each chosen set), ``masks`` [T, C] (its
         candidates, within ``pool``) and ``sizes`` [T] (at most this many fit together, >= 1).
         ``forced`` and ``lean`` (computed when asked, else 0) come back over the pool, [T, C]."""
+        step = self.batch
         parts = [
-            self._evaluate(pool, base[r : r + BATCH], masks[r : r + BATCH], sizes[r : r + BATCH], lean)
-            for r in range(0, len(masks), BATCH)
+            self._evaluate(pool, base[r : r + step], masks[r : r + step], sizes[r : r + step], lean)
+            for r in range(0, len(masks), step)
         ]
         if len(parts) == 1:
             return parts[0]
@@ -200,7 +213,7 @@ class RatioBounds:
     def _evaluate(
         self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, lean: bool
     ) -> NodeBounds:
-        """:meth:`evaluate` for at most BATCH nodes, in as few numpy calls as possible (on a
+        """:meth:`evaluate` for at most ``batch`` nodes, in as few numpy calls as possible (on a
         busy 2-core host a call costs several microseconds). The [C, 2M] work arrays keep the
         nodes on their last axis, so a gather by rank moves T values at a time and running
         sums over ranks add whole rows. Matrix products are batched per node, so each BLAS call
@@ -218,6 +231,7 @@ class RatioBounds:
         sums[0] += base.T
         for p in range(1, c):
             sums[p] += sums[p - 1]
+        total = (sums[-1, m:].T - den) * (1 + 1e-12)  # [T, M] Σ_C b, rounding up
         best = np.divide(sums[:, :m], sums[:, m:], out=scratch).max(axis=0)  # [M, T]
         ratio = np.maximum(best.T, num / den)
         logs = np.log(np.maximum(ratio, PROB_FLOOR))  # [T, M]
@@ -240,7 +254,6 @@ class RatioBounds:
             second = np.where(present[p], first, second)
             first = np.where(present[p], pool.top_b[p][:, None], first)
         first, second = np.ascontiguousarray(first.T), np.ascontiguousarray(second.T)  # [T, M]
-        total = flags.T @ pool.b  # [T, M]
         weight, rho_weight = self._work[:, : t * m * k].reshape(2, t, m, k)  # reuse: see __init__
         cap = np.multiply(second[..., None], self._float_steps[:k], out=weight)  # (j-1) x 2nd largest
         cap += first[..., None]

@@ -374,7 +374,10 @@ class _Search:
             level = self._expand(level)
 
     def _expand(self, level: _Nodes) -> _Nodes | None:
-        """Expand every open node of a level; returns the next level (the children), if any."""
+        """Expand every open node of a level; returns the next level (the children), if any.
+
+        Child t of a node adds v_t and draws from chain row t + 1, minus what does not fit or
+        what chain row t fixed out; it is skipped when that row fixed out v_t itself."""
         stop = self._stop()
         nb = level.bounds
         open_ = np.flatnonzero(nb.bound < stop)
@@ -383,32 +386,7 @@ class _Search:
             (c := np.flatnonzero(mk))[np.argsort(-nb.lean[i, c], kind="stable")]
             for i, mk in zip(open_, masks, strict=True)
         ]
-        # Exclude chains, in stages: row t of node f drops v_0..v_(t-1). A node's chain ends at
-        # its first pruned row, since every later child is a subset of it.
-        ends = [len(o) for o in orders]
-        forced = [[nb.forced[i]] for i in open_]
-        lo = 1
-        while True:
-            hi = lo + max(1, lo // 2)
-            rows = [(f, t) for f in range(len(open_)) for t in range(lo, min(hi, ends[f]))]
-            if not rows:
-                break
-            fs = np.array([f for f, _ in rows])
-            chain = masks[fs].copy()
-            for r, (f, t) in enumerate(rows):
-                chain[r, orders[f][:t]] = False
-            src = open_[fs]
-            cb = self._evaluate(level.base[src], chain, level.dev_time[src], level.energy[src], nb.sizes[src])
-            for r, (f, t) in enumerate(rows):
-                if t >= ends[f]:
-                    continue
-                if cb.bound[r] >= stop:
-                    ends[f] = t
-                else:
-                    forced[f].append(cb.forced[r])
-            lo = hi
-        # Include children: child t adds v_t and draws from chain row t + 1, minus what does
-        # not fit or what chain row t fixed out (skipped when that row fixed out v_t itself).
+        ends, forced = self._chains(level, open_, masks, orders, stop)
         kids = [
             (f, t) for f in range(len(open_)) for t in range(ends[f]) if forced[f][t][orders[f][t]] < stop
         ]
@@ -439,6 +417,37 @@ class _Search:
         return _Nodes(
             [chosen[r] for r in live], base[live], dev_time[live], energy[live], child[live], rows_nb
         )
+
+    def _chains(
+        self, level: _Nodes, open_: np.ndarray, masks: np.ndarray, orders: list[np.ndarray], stop: float
+    ) -> tuple[list[int], list[list[np.ndarray]]]:
+        """Bound the exclude chains of the open nodes: row t of node f drops v_0..v_(t-1) (row 0
+        is the node). Rows go in growing stages across all nodes at once; a node's chain ends at
+        its first pruned row, since every later child is a subset of it. Returns each node's
+        end and the B3 row (``forced``) of each of its rows before the end."""
+        nb = level.bounds
+        ends = [len(o) for o in orders]
+        forced = [[nb.forced[i]] for i in open_]
+        lo = 1
+        while True:
+            hi = lo + max(1, lo // 2)
+            rows = [(f, t) for f in range(len(open_)) for t in range(lo, min(hi, ends[f]))]
+            if not rows:
+                return ends, forced
+            fs = np.array([f for f, _ in rows])
+            chain = masks[fs].copy()
+            for r, (f, t) in enumerate(rows):
+                chain[r, orders[f][:t]] = False
+            src = open_[fs]
+            cb = self._evaluate(level.base[src], chain, level.dev_time[src], level.energy[src], nb.sizes[src])
+            for r, (f, t) in enumerate(rows):
+                if t >= ends[f]:
+                    continue
+                if cb.bound[r] >= stop:
+                    ends[f] = t
+                else:
+                    forced[f].append(cb.forced[r])
+            lo = hi
 
     # -- incumbent ---------------------------------------------------------------------
     def _incumbent(self, root: np.ndarray) -> None:
