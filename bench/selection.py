@@ -257,32 +257,33 @@ def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float)
 
 
 def fine_level_time(requests: int) -> dict[str, float]:
-    f = fleet(16, seed=3, m_train=400, m_val=200, m_test=requests)
     from moesaic.coordinator.config import parse_fleet
     from moesaic.coordinator.planner import Planner, TaskModel
-    from moesaic.coordinator.registry import Expert, Registry
+    from moesaic.coordinator.profiles import Profile
+    from moesaic.coordinator.registry import Registry, Replica
 
+    f = fleet(16, seed=3, m_train=400, m_val=200, m_test=requests)
     gate = _train_gate(f.table_train, steps=200)
     config = parse_fleet(
-        {"nodes": [{"address": f"127.0.0.1:{9000 + i}", "name": f"n{i}"} for i in range(16)]}
+        {"nodes": [{"address": f"127.0.0.1:{9000 + i}", "name": f"n{i}"} for i in range(16)]}, env={}
     )
     registry = Registry(config)
-    for node, cost in zip(registry.nodes, f.costs, strict=True):
-        node.experts["m"] = Expert(
-            cost.id, node.name, "m", "sim", cost.device, cost.latency_ms, cost.energy_mj
-        )
+    for node, cost in zip(registry.nodes, f.costs, strict=True):  # one model (= expert) per node
+        profile = Profile(cost.latency_ms, 0.0, cost.energy_mj, drift=registry.settings.profile_drift)
+        node.replicas[cost.id] = Replica(node.name, cost.id, "sim", cost.device, profile)
         node.up = True
     tm = TaskModel("sim", "sim", gate, f.table_val, 4, gate.weights_all(f.table_val.features))
-    planner = Planner(registry.settings, registry, {"sim": tm})
+    planner = Planner(registry.settings, {"sim": tm})
+    experts = registry.experts("sim")
     budget = Budget(50.0, 0.3 * sum(c.energy_mj for c in f.costs))
-    planner.plan("sim", f.table_test.features[0], budget)  # coarse solve, cached
     feats = f.table_test.features
+    planner.plan("sim", experts, feats[0], budget)  # coarse solve, cached
     batch = 100
     means = []
     for start in range(0, requests - batch + 1, batch):
         t0 = time.perf_counter()
         for i in range(start, start + batch):
-            planner.plan("sim", feats[i], budget)
+            planner.plan("sim", experts, feats[i], budget)
         means.append((time.perf_counter() - t0) / batch * 1e6)
     return {
         "requests": requests,
