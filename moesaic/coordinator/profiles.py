@@ -33,9 +33,11 @@ from typing import Any
 from moesaic.coordinator.config import CoordinatorSettings, ExpertOverride
 from moesaic.nodes.client import InferResult
 
-__all__ = ["FLOOR_HALF_LIFE_S", "Profile"]
+__all__ = ["FLOOR_HALF_LIFE_S", "STALE_S", "Profile"]
 
 FLOOR_HALF_LIFE_S = 2.0
+STALE_S = 5.0
+"""Seconds without a reply after which the node's own figures pull a profile back (refresh)."""
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Profile:
     _wait_at: float = 0.0
     _floor_ms: float = 0.0
     _floor_at: float = 0.0
+    _reply_at: float = 0.0
     _inflight: dict[int, float] = field(default_factory=dict)
     _anchor: tuple[float, float] = (0.0, 0.0)
 
@@ -85,11 +88,19 @@ class Profile:
         p.report_wait(model.expected_wait_ms, time.monotonic())
         return p
 
-    def refresh_prior(self, model: Any, override: ExpertOverride | None) -> None:
-        """Before any reply: the node's newer figures (from its probes) where no profile file or
-        override gives them."""
+    def refresh(self, model: Any, override: ExpertOverride | None, now: float) -> None:
+        """The node's newer figures from its ``Describe`` (``model``). Before any reply they
+        replace the prior (where no profile file or override gives it). After ``STALE_S``
+        without a reply, the service time moves half-way to the node's own running figure and
+        its deviation halves: a replica the predictions priced out (learnt under a load that
+        has gone) is tried again instead of never being chosen."""
         service, energy, _ = _prior_costs(model, override, None)
-        self.service_ms, self.energy_mj = service or self.service_ms, energy or self.energy_mj
+        if self.replies == 0:
+            self.service_ms, self.energy_mj = service or self.service_ms, energy or self.energy_mj
+        elif now - self._reply_at > STALE_S:
+            if model.service_ms > 0:
+                self.service_ms += 0.5 * (model.service_ms - self.service_ms)
+            self.service_dev_ms *= 0.5
 
     @property
     def latency_ms(self) -> float:
@@ -148,6 +159,7 @@ class Profile:
                 self.energy_source = result.energy_source
         self.report_wait(_number(params.get("expected_wait_ms"), math.nan), time.monotonic())
         self._floor_ms = 0.0
+        self._reply_at = time.monotonic()
         self.replies += 1
         return self._moved()
 

@@ -321,8 +321,7 @@ class Registry:
                 existing = None  # another model behind the same name: rebuilt below from the prior
             if existing is not None and existing.node == node.name:
                 existing.profile.report_wait(model.expected_wait_ms, now)
-                if existing.profile.replies == 0:  # no reply yet: the node's newer figures
-                    existing.profile.refresh_prior(model, override)
+                existing.profile.refresh(model, override, now)
                 continue  # keep the live profile learned from replies
             changed = True
             node.replicas[model.name] = Replica(

@@ -4,11 +4,12 @@ choice of replica."""
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
 from moesaic.coordinator.config import ExpertOverride, parse_fleet
-from moesaic.coordinator.profiles import FLOOR_HALF_LIFE_S, Profile
+from moesaic.coordinator.profiles import FLOOR_HALF_LIFE_S, STALE_S, Profile
 from moesaic.nodes.client import InferResult
 from moesaic.proto import moesaic_pb2
 from tests.unit.coordinator.fleet_state import registry_of
@@ -103,3 +104,17 @@ def test_the_registry_offers_each_model_once_through_its_earliest_replica_and_ke
         ).replica.id
         == "b/m"
     )
+
+
+def test_a_replica_priced_out_by_an_old_load_comes_back_through_its_nodes_figures() -> None:
+    p = Profile(service_ms=10.0, network_ms=1.0, energy_mj=0.0)
+    p.observe(reply(400.0, 1.0), round_trip_ms=401.0, alpha=0.5)  # learnt under a heavy load
+    p.observe(reply(100.0, 1.0), round_trip_ms=101.0, alpha=0.5)
+    assert p.latency_ms > 300
+    now = time.monotonic()
+    p.refresh(described(service_ms=100.0), None, now)  # a reply just came: nothing moves
+    assert p.latency_ms > 300
+    for _ in range(3):  # no reply for STALE_S: the node's own figure pulls it back
+        p.refresh(described(service_ms=100.0), None, now + STALE_S + 1)
+    assert p.service_ms == pytest.approx(100.0 + 150.0 / 8) and p.service_dev_ms == pytest.approx(150.0 / 8)
+    assert p.latency_ms < 160  # from 551
