@@ -107,8 +107,6 @@ class NodeBounds(NamedTuple):
     """[T] B1."""
     b2: np.ndarray
     """[T] B2 (+inf for a node without candidates)."""
-    ratio: np.ndarray
-    """[T, M] R_i, the per-sample best ratio of B1."""
     forced: np.ndarray
     """[T, C] B3 per candidate: bound over the completions containing it (+inf elsewhere)."""
     sizes: np.ndarray
@@ -196,16 +194,24 @@ class RatioBounds:
         return Pool(ids, a, b, q, local, self.a_t.take(flat), self.b_t.take(flat), by_b[:_TOP], top_b)
 
     def evaluate(
-        self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, *, lean: bool = False
+        self,
+        pool: Pool,
+        base: np.ndarray,
+        masks: np.ndarray,
+        sizes: np.ndarray,
+        *,
+        rows: np.ndarray | None = None,
+        lean: bool = False,
     ) -> NodeBounds:
-        """B1-B3 of T nodes: ``base`` [T, 2M] (A | G of each chosen set), ``masks`` [T, C] (its
-        candidates, within ``pool``) and ``sizes`` [T] (at most this many fit together, >= 1).
-        ``forced`` and ``lean`` (computed when asked, else 0) come back over the pool, [T, C]."""
+        """B1-B3 of T nodes: ``base`` [T, 2M] (A | G of each chosen set; or its rows ``rows``
+        [T], gathered a pass at a time), ``masks`` [T, C] (their candidates, within ``pool``) and
+        ``sizes`` [T] (at most this many fit together, >= 1). ``forced`` and ``lean`` (computed
+        when asked, else 0) come back over the pool, [T, C]."""
         step = self.batch
-        parts = [
-            self._evaluate(pool, base[r : r + step], masks[r : r + step], sizes[r : r + step], lean)
-            for r in range(0, len(masks), step)
-        ]
+        parts = []
+        for r in range(0, len(masks), step):
+            part = base[r : r + step] if rows is None else base[rows[r : r + step]]
+            parts.append(self._evaluate(pool, part, masks[r : r + step], sizes[r : r + step], lean))
         if len(parts) == 1:
             return parts[0]
         return NodeBounds(*(np.concatenate(field) for field in zip(*parts, strict=True)))
@@ -295,7 +301,7 @@ class RatioBounds:
             share = np.multiply(helped, pool.a, out=self._work[1, : t * c * m].reshape(t, c, m))
             top = num + share.sum(axis=1)  # [T, M]
             leans = (share @ (1.0 / np.maximum(top, TINY))[..., None])[..., 0]
-        return NodeBounds(b1, b2, ratio, forced, sizes, leans)
+        return NodeBounds(b1, b2, forced, sizes, leans)
 
 
 class Capacity:

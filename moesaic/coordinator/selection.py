@@ -313,12 +313,13 @@ class _Search:
         energy: np.ndarray,
         sizes: np.ndarray,
         *,
+        rows: np.ndarray | None = None,
         lean: bool = False,
     ) -> NodeBounds:
-        """Bounds of T nodes: base [T, 2M], non-empty candidate masks [T, N], costs [T, D] and
-        [T]. ``sizes`` [T] bounds how many candidates fit together where already known (a row
-        drawn from a node's candidates with the node's chosen set inherits its count), -1
-        elsewhere, counted here."""
+        """Bounds of T nodes: base [T, 2M] (or the rows ``rows`` of it), non-empty candidate
+        masks [T, N], costs [T, D] and [T]. ``sizes`` [T] bounds how many candidates fit together
+        where already known (a row drawn from a node's candidates with the node's chosen set
+        inherits its count), -1 elsewhere, counted here."""
         self.nodes += len(masks)
         todo = sizes < 0
         if todo.any():
@@ -329,7 +330,7 @@ class _Search:
         pool = self.bounds.pool(np.flatnonzero(masks.any(axis=0)))
         local = masks[:, pool.ids]
         sizes = np.clip(sizes, 1, local.sum(axis=1))  # a larger count only weakens B2
-        nb = self.bounds.evaluate(pool, base, local, sizes, lean=lean)
+        nb = self.bounds.evaluate(pool, base, local, sizes, rows=rows, lean=lean)
         forced = np.full(masks.shape, np.inf)
         forced[:, pool.ids] = nb.forced
         leans = np.zeros(masks.shape)
@@ -439,7 +440,9 @@ class _Search:
             for r, (f, t) in enumerate(rows):
                 chain[r, orders[f][:t]] = False
             src = open_[fs]
-            cb = self._evaluate(level.base[src], chain, level.dev_time[src], level.energy[src], nb.sizes[src])
+            cb = self._evaluate(
+                level.base, chain, level.dev_time[src], level.energy[src], nb.sizes[src], rows=src
+            )
             for r, (f, t) in enumerate(rows):
                 if t >= ends[f]:
                     continue
