@@ -112,7 +112,7 @@ class NodeBounds(NamedTuple):
     sizes: np.ndarray
     """[T] at most this many candidates fit together (also bounds every subset of them)."""
     lean: np.ndarray
-    """[T, C] how much B1 leans on each candidate (the search's branching order), when asked."""
+    """[T, C] how much B1 leans on each candidate (the search's branching order), where asked."""
 
     @property
     def bound(self) -> np.ndarray:
@@ -201,12 +201,13 @@ class RatioBounds:
         sizes: np.ndarray,
         *,
         rows: np.ndarray | None = None,
-        lean: bool = False,
+        lean: float = -math.inf,
     ) -> NodeBounds:
         """B1-B3 of T nodes: ``base`` [T, 2M] (A | G of each chosen set; or its rows ``rows``
         [T], gathered a pass at a time), ``masks`` [T, C] (their candidates, within ``pool``) and
-        ``sizes`` [T] (at most this many fit together, >= 1). ``forced`` and ``lean`` (computed
-        when asked, else 0) come back over the pool, [T, C]."""
+        ``sizes`` [T] (at most this many fit together, >= 1). ``forced`` and ``lean`` come back
+        over the pool, [T, C]; ``lean`` only for the nodes whose bound is below ``lean`` (the ones
+        the search will expand), 0 elsewhere."""
         step = self.batch
         parts = []
         for r in range(0, len(masks), step):
@@ -217,7 +218,7 @@ class RatioBounds:
         return NodeBounds(*(np.concatenate(field) for field in zip(*parts, strict=True)))
 
     def _evaluate(
-        self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, lean: bool
+        self, pool: Pool, base: np.ndarray, masks: np.ndarray, sizes: np.ndarray, lean: float
     ) -> NodeBounds:
         """:meth:`evaluate` for at most ``batch`` nodes, in as few numpy calls as possible (on a
         busy 2-core host a call costs several microseconds). The [C, 2M] work arrays keep the
@@ -295,12 +296,15 @@ class RatioBounds:
         forced = (forced.min(axis=2) + base_b2[:, None]) / m
         forced[~masks] = np.inf
         leans = np.zeros(masks.shape)
-        if lean:  # how much B1 leans on each candidate: its share of each sample's best extension
-            helped = np.greater(pool.q, ratio[:, None, :], out=self._helped[: t * c * m].reshape(t, c, m))
-            helped &= masks[:, :, None]
-            share = np.multiply(helped, pool.a, out=self._work[1, : t * c * m].reshape(t, c, m))
-            top = num + share.sum(axis=1)  # [T, M]
-            leans = (share @ (1.0 / np.maximum(top, TINY))[..., None])[..., 0]
+        open_ = np.flatnonzero(np.maximum(b1, b2) < lean)
+        if open_.size:  # how much B1 leans on each candidate: its share of each sample's best extension
+            o = open_.size
+            helped = self._helped[: o * c * m].reshape(o, c, m)
+            np.greater(pool.q, ratio[open_, None, :], out=helped)
+            helped &= masks[open_, :, None]
+            share = np.multiply(helped, pool.a, out=self._work[1, : o * c * m].reshape(o, c, m))
+            top = num[open_] + share.sum(axis=1)  # [O, M]
+            leans[open_] = (share @ (1.0 / np.maximum(top, TINY))[..., None])[..., 0]
         return NodeBounds(b1, b2, forced, sizes, leans)
 
 

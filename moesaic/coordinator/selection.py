@@ -314,7 +314,7 @@ class _Search:
         sizes: np.ndarray,
         *,
         rows: np.ndarray | None = None,
-        lean: bool = False,
+        lean: float = -math.inf,
     ) -> NodeBounds:
         """Bounds of T nodes: base [T, 2M] (or the rows ``rows`` of it), non-empty candidate
         masks [T, N], costs [T, D] and [T]. ``sizes`` [T] bounds how many candidates fit together
@@ -369,7 +369,7 @@ class _Search:
             dev_time,
             energy,
             root,
-            self._evaluate(base, root, dev_time, energy, np.full(1, -1), lean=True),
+            self._evaluate(base, root, dev_time, energy, np.full(1, -1), lean=math.inf),
         )
         while level is not None:
             level = self._expand(level)
@@ -413,7 +413,7 @@ class _Search:
         if live.size == 0:
             return None
         rows_nb = self._evaluate(
-            base[live], child[live], dev_time[live], energy[live], np.full(live.size, -1), lean=True
+            base[live], child[live], dev_time[live], energy[live], np.full(live.size, -1), lean=self._stop()
         )
         return _Nodes(
             [chosen[r] for r in live], base[live], dev_time[live], energy[live], child[live], rows_nb
