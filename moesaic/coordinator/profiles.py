@@ -57,6 +57,8 @@ class Profile:
     _floor_ms: float = 0.0
     _floor_at: float = 0.0
     _reply_at: float = 0.0
+    _best_ms: float = math.inf
+    """The shortest service time a reply reported (the replica unloaded, as far as seen)."""
     _inflight: dict[int, float] = field(default_factory=dict)
     _anchor: tuple[float, float] = (0.0, 0.0)
 
@@ -91,15 +93,17 @@ class Profile:
     def refresh(self, model: Any, override: ExpertOverride | None, now: float) -> None:
         """The node's newer figures from its ``Describe`` (``model``). Before any reply they
         replace the prior (where no profile file or override gives it). After ``STALE_S``
-        without a reply, the service time moves half-way to the node's own running figure and
-        its deviation halves: a replica the predictions priced out (learnt under a load that
-        has gone) is tried again instead of never being chosen."""
+        without a reply, the service time moves half-way to the fastest it was seen to answer
+        (or the node's own running figure, if lower) and its deviation halves, at every refresh:
+        a replica the predictions priced out under a load that has gone is tried again instead
+        of never being chosen (with the ``shed`` policy, never again)."""
         service, energy, _ = _prior_costs(model, override, None)
         if self.replies == 0:
             self.service_ms, self.energy_mj = service or self.service_ms, energy or self.energy_mj
         elif now - self._reply_at > STALE_S:
-            if model.service_ms > 0:
-                self.service_ms += 0.5 * (model.service_ms - self.service_ms)
+            target = min(self._best_ms, model.service_ms if model.service_ms > 0 else math.inf)
+            if math.isfinite(target):
+                self.service_ms += 0.5 * (target - self.service_ms)
             self.service_dev_ms *= 0.5
 
     @property
@@ -144,6 +148,7 @@ class Profile:
         compute = result.compute_ms if math.isfinite(result.compute_ms) else round_trip_ms
         queue = _number(params.get("queue_ms"), 0.0)
         network = max(round_trip_ms - compute - queue, 0.0)
+        self._best_ms = min(self._best_ms, compute)
         if self.replies == 0:  # the first reply replaces the prior outright
             self.service_ms, self.network_ms = compute, network
         else:
