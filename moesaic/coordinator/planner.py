@@ -150,6 +150,7 @@ class Planner:
         self.tasks = dict(tasks)
         self._cache: dict[tuple[object, ...], tuple[str, ...]] = {}
         self._pools: dict[tuple[object, ...], _Pool] = {}
+        self._known: dict[str, frozenset[str] | None] = {}
         self.solves = 0
 
     def task_model(self, task: str) -> TaskModel:
@@ -157,9 +158,14 @@ class Planner:
 
     def candidates(self, task: str, experts: Sequence[Expert]) -> list[Expert]:
         """The ``experts`` that the task's gate knows (all when it has none)."""
-        tm = self.task_model(task)
-        known = set(tm.gate.experts) if tm.gate else (set(tm.table.experts) if tm.table else None)
-        return [e for e in experts if known is None or e.id in known]
+        if task not in self._known:
+            tm = self.task_model(task)
+            ids = tm.gate.experts if tm.gate else (tm.table.experts if tm.table else None)
+            self._known[task] = frozenset(ids) if ids is not None else None
+        known = self._known[task]
+        if known is None:
+            return list(experts)
+        return [e for e in experts if e.id in known]
 
     def pool(self, task: str, experts: Sequence[Expert], budget: Budget, epoch: int = 0) -> list[Expert]:
         """Coarse level: the cached exact optimum S* for the budget's bucket (empty when none fits)."""
