@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import shutil
 import statistics
@@ -173,7 +174,12 @@ async def settle(stub: Any, frames: list[bytes], p95: dict[str, float], limit_s:
     for expert in EXPERTS:
         good = 0
         while good < 2 and time.monotonic() < end:
-            reply = await stub.Perceive(request(frames[0], 0.0, (expert,)), timeout=30)
+            try:
+                reply = await stub.Perceive(request(frames[0], 0.0, (expert,)), timeout=30)
+            except grpc.aio.AioRpcError:  # e.g. its node is down until the coordinator's next probe
+                good = 0
+                await asyncio.sleep(0.5)
+                continue
             good = good + 1 if reply.measured_latency_ms <= 1.5 * p95[expert] else 0
 
 
@@ -291,7 +297,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     frames = images()
-    with tempfile.TemporaryDirectory(prefix="moesaic-adherence-") as tmp, ProcessTree(Path(tmp)) as tree:
+    keep = tempfile.mkdtemp(prefix="moesaic-adherence-") if args.keep_logs else None
+    with (
+        (
+            contextlib.nullcontext(keep) if keep else tempfile.TemporaryDirectory(prefix="moesaic-adherence-")
+        ) as tmp,
+        ProcessTree(Path(tmp)) as tree,
+    ):
+        if keep:
+            print(f"logs of the fleet: {keep}")
         address = start_fleet(tree, Path(tmp))
         async with grpc.aio.insecure_channel(
             address, options=[("grpc.max_send_message_length", 64 << 20)]
@@ -352,6 +366,7 @@ def main() -> int:
         "--loads", type=lambda s: [float(x) for x in s.split(",")], default=[0.2, 0.5, 0.8, 1.0, 1.2]
     )
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--keep-logs", action="store_true", help="keep the fleet's logs (printed path)")
     args = parser.parse_args()
     summary = asyncio.run(run(args))
     print(table(summary["rows"]))
