@@ -11,8 +11,8 @@ same model twice and load spreads over replicas; a stream with temporal state (a
 Health: a node that is unreachable (UNAVAILABLE: connection refused, no route), or whose calls
 fail in transport ``failures_to_down`` times in a row, is marked down; a replica that misses
 a deadline is marked *suspect*. Either leaves the pool until a ``Describe`` probe of its node
-succeeds (suspect replicas are still used when a task has nothing else). Error replies never
-change health.
+succeeds (suspect replicas are still used when a task has nothing else). A node whose
+``Describe`` times out is busy, not gone: it stays up. Error replies never change health.
 
 >>> async with Registry(load_fleet(Path("fleet.yaml"))) as registry:    # doctest: +SKIP
 ...     [e.id for e in registry.experts("detection")]
@@ -27,6 +27,8 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
+
+import grpc
 
 from moesaic.coordinator.config import FleetConfig, NodeEntry
 from moesaic.coordinator.profiles import Profile
@@ -273,7 +275,11 @@ class Registry:
         try:
             desc = await node.client.describe(timeout=self.settings.describe_timeout_s)
         except Exception as exc:  # grpc.aio.AioRpcError, OSError: the node is not reachable
-            node.last_error = f"describe failed: {exc}"
+            node.last_error = f"describe failed: {_short(exc)}"
+            if node.up and _busy(exc):
+                # Slow to answer under load, not gone: its replicas stay (suspect ones skipped).
+                log.debug("node %s (%s) busy: %s", node.name, node.entry.address, _short(exc))
+                return False
             log.info("node %s (%s) not reachable: %s", node.name, node.entry.address, _short(exc))
             self.mark_down(node, node.last_error)
             return False
@@ -363,6 +369,12 @@ class Registry:
             due = [n for n in self.nodes if not n.probing]  # the up ones too: queue waits, priors
             if due:
                 await asyncio.gather(*(self._describe(n) for n in due), return_exceptions=True)
+
+
+def _busy(exc: BaseException) -> bool:
+    """A Describe that timed out: the node is alive but its server is saturated."""
+    code = getattr(exc, "code", None)
+    return callable(code) and code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def _short(exc: BaseException) -> str:
