@@ -80,10 +80,10 @@ class CoordinatorSettings(_Strict):
     )
     ewma_alpha: float = Field(0.2, gt=0, le=1, description="Weight of the newest reply in the live profiles.")
     latency_deviations: float = Field(
-        2.0,
+        3.0,
         ge=0,
         description="Predicted latency = mean + this many mean absolute deviations of the measured "
-        "service time (2: about the 95th percentile; 0: the mean).",
+        "service time (3: about the 99th percentile of a normal spread, 2: the 95th; 0: the mean).",
     )
     failures_to_down: int = Field(2, ge=1, description="Consecutive failed calls that mark a node down.")
     probe_interval_s: float = Field(

@@ -4,7 +4,7 @@ Predicted latency = expected wait in the node's queue + service time + network t
 
 - **service** (pre + engine + post on the node): the node's ``compute_ms`` of every reply,
   as an EWMA, plus ``latency_deviations`` x its mean absolute deviation (so a prediction is a
-  high quantile, not the mean: with 2, about the 95th percentile); before the first reply, the
+  high quantile, not the mean: with 3, about the 99th percentile); before the first reply, the
   fleet config's override, the node's profile file, or the service time the node measured on
   its load-time probe (``Describe``), in that order;
 - **network**: round trip less the node's queue and compute time, as an EWMA; before the first
@@ -47,7 +47,7 @@ class Profile:
     energy_mj: float
     energy_source: str = "estimate"
     replies: int = 0
-    deviations: float = 2.0
+    deviations: float = 3.0
     """Mean absolute deviations of the service time added to its mean in predictions."""
     service_dev_ms: float = 0.0
     drift: float = 0.25
