@@ -88,7 +88,7 @@ def decode_image(data: bytes, encoding: str, width: int = 0, height: int = 0) ->
                 f"image: declares more than {_MAX_IMAGE_PIXELS} pixels (a decompression bomb)",
                 reason="too_many_pixels",
             ) from None
-        except UnidentifiedImageError:
+        except (UnidentifiedImageError, ImportError):  # ImportError: ultralytics' patched open
             raise InvalidInput(f"image.data: not a readable {enc or 'image'}", reason="bad_image") from None
         except OSError as exc:
             raise InvalidInput(

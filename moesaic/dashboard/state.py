@@ -460,6 +460,6 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except (OSError, SyntaxError, ValueError, ImportError, Image.DecompressionBombError):
         return None
     return (width, height) if 0 < width * height <= MAX_IMAGE_PIXELS else None

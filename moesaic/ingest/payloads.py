@@ -213,7 +213,7 @@ def _encoded_image(data: bytes, expected: str | None = None, *, max_pixels: int)
         raise PayloadError(
             "too_many_pixels", f"camera payload declares more than {max_pixels} pixels (a decompression bomb)"
         ) from None
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):  # ImportError: ultralytics' patched open
         raise PayloadError("bad_image", f"camera payload is not a readable {encoding}") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise PayloadError("bad_image", f"camera payload is a broken {encoding}: {exc}") from None

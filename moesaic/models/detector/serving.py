@@ -67,7 +67,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as header:
             fmt, (width, height) = header.format, header.size
-    except (UnidentifiedImageError, OSError, ValueError):
+    except (UnidentifiedImageError, OSError, ValueError, ImportError):
+        # ImportError: once ultralytics is imported, its patched Image.open tries pi_heif on
+        # bytes PIL cannot identify.
         raise ValueError(f"image: BYTES input is not a JPEG or PNG ({len(data)} bytes)") from None
     if fmt not in ("JPEG", "PNG"):
         raise ValueError(f"image: BYTES input is {fmt}; expected JPEG or PNG")
