@@ -20,7 +20,7 @@ def _read_rgb(path: Path) -> Any:
     try:
         with Image.open(path) as im:
             return np.asarray(im.convert("RGB"))
-    except UnidentifiedImageError:
+    except (UnidentifiedImageError, ImportError):  # ImportError: ultralytics' patched open
         raise ValueError(f"image: {path} is not an image file") from None
 
 
