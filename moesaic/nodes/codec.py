@@ -37,6 +37,7 @@ __all__ = [
     "deserialize_bytes_tensor",
     "encode_request",
     "encode_response",
+    "encode_varint",
     "from_parameters",
     "serialize_bytes_tensor",
     "set_parameters",
@@ -76,7 +77,8 @@ def _varint(data: Buffer, pos: int) -> tuple[int, int]:
 _ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
-def _varint_bytes(value: int) -> bytes:
+def encode_varint(value: int) -> bytes:
+    """``value`` (>= 0) as a protobuf varint."""
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -144,11 +146,11 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
 
 
 def _raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
-    tag = _RAW_TAGS.get(raw_field) or _varint_bytes((raw_field << 3) | 2)
+    tag = _RAW_TAGS.get(raw_field) or encode_varint((raw_field << 3) | 2)
     parts: list[Buffer] = []
     for buf in buffers:
         n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
-        parts.append(tag + (_ONE_BYTE[n] if n < 0x80 else _varint_bytes(n)))
+        parts.append(tag + (_ONE_BYTE[n] if n < 0x80 else encode_varint(n)))
         parts.append(buf)
     return parts
 
@@ -175,7 +177,7 @@ def _remember(cache: dict[Any, bytes], key: Any, value: bytes) -> bytes:
 def _delimited(tag: bytes, payload: bytes) -> bytes:
     """A length-delimited field: ``tag``, length, ``payload``."""
     n = len(payload)
-    return tag + (_ONE_BYTE[n] if n < 0x80 else _varint_bytes(n)) + payload
+    return tag + (_ONE_BYTE[n] if n < 0x80 else encode_varint(n)) + payload
 
 
 def _string_field(tag: bytes, value: str) -> bytes:
@@ -191,14 +193,14 @@ def _int64_bytes(value: int) -> bytes:
     """Varint of a protobuf int64 (negative numbers as their 64-bit two's complement)."""
     if not -_INT64_LIMIT <= value < _INT64_LIMIT:
         raise InvalidInput(f"value {value} is out of range for int64")
-    return _varint_bytes(value + (1 << 64) if value < 0 else value)
+    return encode_varint(value + (1 << 64) if value < 0 else value)
 
 
 def _output_field(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
     """``outputs`` field of a response: one ``InferOutputTensor`` (name, datatype, shape)."""
     tensor = _string_field(b"\x0a", name) + _string_field(b"\x12", datatype)
     if shape:
-        packed = bytes(shape) if max(shape) < 0x80 else b"".join(map(_varint_bytes, shape))
+        packed = bytes(shape) if max(shape) < 0x80 else b"".join(map(encode_varint, shape))
         tensor += _delimited(b"\x1a", packed)
     return _delimited(b"\x2a", tensor)
 
@@ -209,7 +211,7 @@ def _parameter_field(tag: bytes, key: str, value: Any) -> bytes:
         prefix = _DOUBLE_PREFIX.get(key)
         if prefix is None:
             entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
-            prefix = _remember(_DOUBLE_PREFIX, key, tag + _varint_bytes(len(entry) + 8) + entry)
+            prefix = _remember(_DOUBLE_PREFIX, key, tag + encode_varint(len(entry) + 8) + entry)
         return prefix + _DOUBLE(value)
     if type(value) is int and 0 <= value < 1024:  # small counts (queue depth): whole entry cached
         field = _PARAMETER_FIELDS.get((key, int, value))

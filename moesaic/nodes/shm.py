@@ -38,6 +38,7 @@ import grpc
 import numpy as np
 
 from moesaic.errors import InvalidInput, NotFound, quote
+from moesaic.nodes.codec import encode_varint
 from moesaic.proto import inference_pb2
 from moesaic.rpc import abort
 
@@ -252,14 +253,5 @@ class SystemSharedMemory:
             if ref.offset:
                 tensor.parameters[_OFFSET].int64_param = ref.offset
             body = tensor.SerializeToString()
-            entries.append(b"\x2a" + _varint(len(body)) + body)
+            entries.append(b"\x2a" + encode_varint(len(body)) + body)
         return travel, b"".join(entries)
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
