@@ -36,8 +36,7 @@ from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_response
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
 from moesaic.nodes.served import ServedModel
-from moesaic.nodes.shm import EXTENSION as SHM_EXTENSION
-from moesaic.nodes.shm import SystemSharedMemory
+from moesaic.nodes.shm import SharedMemory
 from moesaic.nodes.validation import Decoded, RequestValidator
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort, status_of
@@ -72,7 +71,7 @@ class InferenceServicer:
         self.metrics = metrics
         self.is_ready = is_ready
         self.lifecycle = lifecycle
-        self.shared_memory = SystemSharedMemory()  # the system shared-memory extension's regions
+        self.shared_memory = SharedMemory()  # the shared-memory extensions' regions (system, CUDA)
         self.validator = RequestValidator(plane.ready_model, self.shared_memory)
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
 
@@ -127,7 +126,7 @@ class InferenceServicer:
         return inference_pb2.ModelReadyResponse(ready=model.ready)
 
     def server_metadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        extensions = [*(_EXTENSIONS if self.lifecycle is not None else []), SHM_EXTENSION]
+        extensions = [*(_EXTENSIONS if self.lifecycle is not None else []), *SharedMemory.extensions()]
         return inference_pb2.ServerMetadataResponse(
             name="moesaic", version=__version__, extensions=extensions
         )

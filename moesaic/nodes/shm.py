@@ -1,4 +1,4 @@
-"""The KServe/Triton system shared-memory extension: frames handed over in memory, not over gRPC.
+"""The KServe/Triton shared-memory extensions: frames handed over in memory, not over gRPC.
 
 A client on the node's host (the MQTT bridge, a camera process on a Jetson) creates a POSIX
 shared-memory object, registers it with the node and then names it in ``ModelInfer`` instead of
@@ -21,6 +21,15 @@ parameters name ``shared_memory_region`` (with ``shared_memory_byte_size`` and o
 ``raw_input_contents`` entry); a requested output with those parameters is written into its
 region, and the reply lists it without raw contents, after the outputs that travel. Keys are
 names of ``/dev/shm`` objects, as ``shm_open`` takes them; nothing else can be mapped.
+
+CUDA shared memory (``CudaSharedMemoryStatus``, ``CudaSharedMemoryRegister``,
+``CudaSharedMemoryUnregister``): a client on the node's host whose tensor is already in GPU
+memory registers the allocation's CUDA IPC handle (tritonclient's
+``tritonclient.utils.cuda_shared_memory`` regions work unchanged) and names the region the same
+way. The node maps it with :mod:`moesaic.runtime.cuda_ipc`; an input is copied once from the GPU
+to the host (the pre-processing of every shipped processor runs there), an output once to the
+GPU. A node without a CUDA driver answers the register call FAILED_PRECONDITION. Region names
+are one namespace over both kinds, as in Triton.
 """
 
 from __future__ import annotations
@@ -41,13 +50,16 @@ from moesaic.errors import InvalidInput, NotFound, quote
 from moesaic.nodes.codec import encode_varint
 from moesaic.proto import inference_pb2
 from moesaic.rpc import abort
+from moesaic.runtime import cuda_ipc
 
-__all__ = ["EXTENSION", "Region", "RegionRef", "SystemSharedMemory", "region_ref"]
+__all__ = ["CUDA_EXTENSION", "EXTENSION", "CudaRegion", "Region", "RegionRef", "SharedMemory", "region_ref"]
 
 log = logging.getLogger(__name__)
 
 EXTENSION = "system_shared_memory"
 """The name ServerMetadata lists among the node's extensions."""
+CUDA_EXTENSION = "cuda_shared_memory"
+"""Listed too where the host has a usable CUDA driver."""
 
 SHM_ROOT = Path("/dev/shm")
 _REGION, _SIZE, _OFFSET = "shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"
@@ -114,6 +126,15 @@ class Region:
             )
         return self.view[ref.offset : ref.offset + ref.byte_size]
 
+    def read(self, ref: RegionRef, what: str) -> memoryview:
+        return self.slice(ref, what)
+
+    def write(self, ref: RegionRef, data: np.ndarray, what: str) -> None:
+        target = self.slice(ref, what)
+        if data.nbytes > len(target):
+            raise InvalidInput(f"{what}: {data.nbytes} bytes do not fit the {len(target)} bytes given")
+        target[: data.nbytes] = data.data
+
     def close(self) -> None:
         """Unmap; arrays still reading it (a request in flight) keep it mapped until they go."""
         self.view.release()
@@ -123,6 +144,35 @@ class Region:
             log.debug("region %s still in use; unmapped when its last reader finishes", self.name)
 
 
+class CudaRegion:
+    """One registered CUDA region: ``byte_size`` bytes of a client's allocation on ``device_id``."""
+
+    def __init__(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self.name, self.device_id, self.byte_size = name, device_id, byte_size
+        self.memory = cuda_ipc.IpcMemory.open(raw_handle, device_id, byte_size)
+
+    def _check(self, ref: RegionRef, what: str) -> None:
+        if ref.offset + ref.byte_size > self.byte_size:
+            raise InvalidInput(
+                f"{what}: offset {ref.offset} + byte_size {ref.byte_size} exceed CUDA region "
+                f"{quote(self.name)} ({self.byte_size} bytes)"
+            )
+
+    def read(self, ref: RegionRef, what: str) -> memoryview:
+        """A host copy of the bytes ``ref`` names."""
+        self._check(ref, what)
+        return self.memory.read(ref.offset, ref.byte_size, what).data
+
+    def write(self, ref: RegionRef, data: np.ndarray, what: str) -> None:
+        self._check(ref, what)
+        if data.nbytes > ref.byte_size:
+            raise InvalidInput(f"{what}: {data.nbytes} bytes do not fit the {ref.byte_size} bytes given")
+        self.memory.write(ref.offset, data, what)
+
+    def close(self) -> None:
+        self.memory.close()
+
+
 def _object_path(key: str) -> Path:
     name = key[1:] if key.startswith("/") else key
     if not name or "/" in name or name in (".", ".."):
@@ -130,14 +180,14 @@ def _object_path(key: str) -> Path:
     return SHM_ROOT / name
 
 
-class SystemSharedMemory:
-    """The node's registered system shared-memory regions, by name (thread-safe)."""
+class SharedMemory:
+    """The node's registered shared-memory regions of both kinds, by name (thread-safe)."""
 
     def __init__(self) -> None:
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, Region | CudaRegion] = {}
         self._lock = threading.Lock()
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+    def _add(self, name: str, make: Callable[[], Region | CudaRegion]) -> None:
         if not name:
             raise InvalidInput("shared memory region: a name is needed")
         with self._lock:
@@ -145,30 +195,42 @@ class SystemSharedMemory:
                 raise InvalidInput(
                     f"shared memory region {quote(name)} is already registered", reason="already_exists"
                 )
-            self._regions[name] = Region(name, key, offset, byte_size)
+            self._regions[name] = make()
+
+    def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
+        self._add(name, lambda: Region(name, key, offset, byte_size))
         log.info("registered shared memory region %s (%s, %d bytes at %d)", name, key, byte_size, offset)
 
-    def unregister(self, name: str) -> None:
-        """Forget ``name`` (every region when empty); unknown names are no error, as in Triton."""
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        self._add(name, lambda: CudaRegion(name, raw_handle, device_id, byte_size))
+        log.info("registered CUDA shared memory region %s (device %d, %d bytes)", name, device_id, byte_size)
+
+    def unregister(self, name: str, kind: type[Region | CudaRegion] = Region) -> None:
+        """Forget ``name`` (every region of ``kind`` when empty); unknown names are no error, as
+        in Triton."""
         with self._lock:
-            names = list(self._regions) if not name else [name] if name in self._regions else []
+            names = [n for n, r in self._regions.items() if isinstance(r, kind) and (not name or n == name)]
             regions = [self._regions.pop(n) for n in names]
         for region in regions:
             region.close()
 
-    def status(self, name: str = "") -> list[Region]:
+    def status(self, name: str = "", kind: type[Region | CudaRegion] = Region) -> list[Any]:
         with self._lock:
-            if name and name not in self._regions:
-                raise NotFound(f"shared memory region {quote(name)} is not registered")
-            return [r for n, r in self._regions.items() if not name or n == name]
+            found = [r for n, r in self._regions.items() if isinstance(r, kind) and (not name or n == name)]
+        if name and not found:
+            raise NotFound(f"shared memory region {quote(name)} is not registered")
+        return found
 
-    def read(self, ref: RegionRef, what: str) -> memoryview:
-        """The bytes of a tensor in a region."""
+    def _region(self, ref: RegionRef, what: str) -> Region | CudaRegion:
         with self._lock:
             region = self._regions.get(ref.region)
         if region is None:
             raise InvalidInput(f"{what}: shared memory region {quote(ref.region)} is not registered")
-        return region.slice(ref, what)
+        return region
+
+    def read(self, ref: RegionRef, what: str) -> memoryview:
+        """The bytes of a tensor in a region (in place for system memory, a copy from a GPU)."""
+        return self._region(ref, what).read(ref, what)
 
     def write(self, ref: RegionRef, array: np.ndarray, what: str) -> None:
         """Write an output tensor's bytes into its region."""
@@ -178,18 +240,21 @@ class SystemSharedMemory:
             data = np.frombuffer(serialize_bytes_tensor(array), np.uint8)
         else:
             data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        target = self.read(ref, what)
-        if data.nbytes > len(target):
-            raise InvalidInput(f"{what}: {data.nbytes} bytes do not fit the {len(target)} bytes given")
-        target[: data.nbytes] = data.data
+        self._region(ref, what).write(ref, data, what)
 
     def close(self) -> None:
-        self.unregister("")
+        self.unregister("", Region)
+        self.unregister("", CudaRegion)
+
+    @staticmethod
+    def extensions() -> list[str]:
+        """The extensions ServerMetadata lists: CUDA only where this host can map GPU memory."""
+        return [EXTENSION, *([CUDA_EXTENSION] if cuda_ipc.available() else [])]
 
     # -------------------------------------------------------------- gRPC adapters
 
     def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
-        """The extension's three RPCs, for ``inference.GRPCInferenceService``."""
+        """The extensions' RPCs, for ``inference.GRPCInferenceService``."""
         pb = inference_pb2
 
         def typed(fn: Callable[[Any], Any], request: Any) -> grpc.RpcMethodHandler:
@@ -209,16 +274,33 @@ class SystemSharedMemory:
             "SystemSharedMemoryStatus": typed(self._status_rpc, pb.SystemSharedMemoryStatusRequest),
             "SystemSharedMemoryRegister": typed(self._register_rpc, pb.SystemSharedMemoryRegisterRequest),
             "SystemSharedMemoryUnregister": typed(
-                self._unregister_rpc, pb.SystemSharedMemoryUnregisterRequest
+                lambda r: self._unregister_rpc(r, Region, pb.SystemSharedMemoryUnregisterResponse),
+                pb.SystemSharedMemoryUnregisterRequest,
+            ),
+            "CudaSharedMemoryStatus": typed(self._cuda_status_rpc, pb.CudaSharedMemoryStatusRequest),
+            "CudaSharedMemoryRegister": typed(self._cuda_register_rpc, pb.CudaSharedMemoryRegisterRequest),
+            "CudaSharedMemoryUnregister": typed(
+                lambda r: self._unregister_rpc(r, CudaRegion, pb.CudaSharedMemoryUnregisterResponse),
+                pb.CudaSharedMemoryUnregisterRequest,
             ),
         }
 
     def _status_rpc(self, request: Any) -> Any:
         reply = inference_pb2.SystemSharedMemoryStatusResponse()
-        for region in self.status(request.name):
+        for region in self.status(request.name, Region):
             reply.regions[region.name].CopyFrom(
                 inference_pb2.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return reply
+
+    def _cuda_status_rpc(self, request: Any) -> Any:
+        reply = inference_pb2.CudaSharedMemoryStatusResponse()
+        for region in self.status(request.name, CudaRegion):
+            reply.regions[region.name].CopyFrom(
+                inference_pb2.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size
                 )
             )
         return reply
@@ -227,9 +309,13 @@ class SystemSharedMemory:
         self.register(request.name, request.key, request.offset, request.byte_size)
         return inference_pb2.SystemSharedMemoryRegisterResponse()
 
-    def _unregister_rpc(self, request: Any) -> Any:
-        self.unregister(request.name)
-        return inference_pb2.SystemSharedMemoryUnregisterResponse()
+    def _cuda_register_rpc(self, request: Any) -> Any:
+        self.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
+        return inference_pb2.CudaSharedMemoryRegisterResponse()
+
+    def _unregister_rpc(self, request: Any, kind: type[Region | CudaRegion], response: Any) -> Any:
+        self.unregister(request.name, kind)
+        return response()
 
     def output_fields(
         self, outputs: Mapping[str, np.ndarray], refs: Mapping[str, RegionRef]

@@ -26,7 +26,7 @@ from google.protobuf.message import DecodeError
 from moesaic.errors import InvalidInput, quote
 from moesaic.nodes.codec import decode_tensor, from_parameters, split_message, tensor_from_contents
 from moesaic.nodes.served import ServedModel
-from moesaic.nodes.shm import RegionRef, SystemSharedMemory, region_ref
+from moesaic.nodes.shm import RegionRef, SharedMemory, region_ref
 from moesaic.proto import inference_pb2
 
 __all__ = ["DEADLINE_PARAMETER", "Decoded", "RequestValidator", "validate_inputs"]
@@ -77,7 +77,7 @@ def validate_inputs(
 
 
 def _check_inputs(
-    model: ServedModel, header: Any, raws: Sequence[memoryview], shm: SystemSharedMemory | None = None
+    model: ServedModel, header: Any, raws: Sequence[memoryview], shm: SharedMemory | None = None
 ) -> dict[str, np.ndarray]:
     specs = model.input_specs
     tensors = header.inputs
@@ -191,7 +191,7 @@ class RequestValidator:
     """Turns ``ModelInfer`` wire bytes into a :class:`Decoded` request, caching what it learnt."""
 
     def __init__(
-        self, ready_model: Callable[[str, str], ServedModel], shared_memory: SystemSharedMemory | None = None
+        self, ready_model: Callable[[str, str], ServedModel], shared_memory: SharedMemory | None = None
     ) -> None:
         self._ready_model = ready_model
         self._shm = shared_memory
@@ -271,7 +271,7 @@ class RequestValidator:
             plans[header_bytes] = Plan(model, header, inputs, raws)
 
 
-def _output_regions(header: Any, shm: SystemSharedMemory | None) -> dict[str, RegionRef]:
+def _output_regions(header: Any, shm: SharedMemory | None) -> dict[str, RegionRef]:
     """Requested outputs that name a shared-memory region."""
     regions = {}
     for out in header.outputs:

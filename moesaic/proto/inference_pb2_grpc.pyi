@@ -9,7 +9,7 @@ numbers, so that Triton and KServe clients (tritonclient[grpc], kserve) talk to 
 node unchanged. Beside the six data-plane RPCs it defines Triton's model configuration
 (ModelConfig, the fields a moesaic node fills) and model repository extension
 (RepositoryIndex, RepositoryModelLoad, RepositoryModelUnload) and system shared-memory
-extension (SystemSharedMemoryStatus, SystemSharedMemoryRegister, SystemSharedMemoryUnregister),
+and CUDA shared-memory extensions (SystemSharedMemory*, CudaSharedMemory* Status/Register/Unregister),
 with Triton's message names and field numbers; moesaic-specific calls live in moesaic.proto.
 """
 
@@ -67,6 +67,12 @@ class GRPCInferenceServiceStub:
     """Register a POSIX shared-memory object (a part of it) as a named region."""
     SystemSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryUnregisterRequest, _inference_pb2.SystemSharedMemoryUnregisterResponse]
     """Forget a region (every region when the name is empty)."""
+    CudaSharedMemoryStatus: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryStatusRequest, _inference_pb2.CudaSharedMemoryStatusResponse]
+    """CUDA shared-memory extension: regions of GPU memory a client shares by a CUDA IPC handle."""
+    CudaSharedMemoryRegister: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryRegisterRequest, _inference_pb2.CudaSharedMemoryRegisterResponse]
+    """Register GPU memory (a cudaIpcMemHandle_t of a client's allocation) as a named region."""
+    CudaSharedMemoryUnregister: _grpc.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryUnregisterRequest, _inference_pb2.CudaSharedMemoryUnregisterResponse]
+    """Forget a CUDA region (every CUDA region when the name is empty)."""
 
 @_typing.type_check_only
 class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
@@ -97,6 +103,12 @@ class GRPCInferenceServiceAsyncStub(GRPCInferenceServiceStub):
     """Register a POSIX shared-memory object (a part of it) as a named region."""
     SystemSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_inference_pb2.SystemSharedMemoryUnregisterRequest, _inference_pb2.SystemSharedMemoryUnregisterResponse]  # type: ignore[assignment]
     """Forget a region (every region when the name is empty)."""
+    CudaSharedMemoryStatus: _aio.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryStatusRequest, _inference_pb2.CudaSharedMemoryStatusResponse]  # type: ignore[assignment]
+    """CUDA shared-memory extension: regions of GPU memory a client shares by a CUDA IPC handle."""
+    CudaSharedMemoryRegister: _aio.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryRegisterRequest, _inference_pb2.CudaSharedMemoryRegisterResponse]  # type: ignore[assignment]
+    """Register GPU memory (a cudaIpcMemHandle_t of a client's allocation) as a named region."""
+    CudaSharedMemoryUnregister: _aio.UnaryUnaryMultiCallable[_inference_pb2.CudaSharedMemoryUnregisterRequest, _inference_pb2.CudaSharedMemoryUnregisterResponse]  # type: ignore[assignment]
+    """Forget a CUDA region (every CUDA region when the name is empty)."""
 
 class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -202,5 +214,29 @@ class GRPCInferenceServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inference_pb2.SystemSharedMemoryUnregisterResponse, _abc.Awaitable[_inference_pb2.SystemSharedMemoryUnregisterResponse]]:
         """Forget a region (every region when the name is empty)."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryStatus(
+        self,
+        request: _inference_pb2.CudaSharedMemoryStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CudaSharedMemoryStatusResponse, _abc.Awaitable[_inference_pb2.CudaSharedMemoryStatusResponse]]:
+        """CUDA shared-memory extension: regions of GPU memory a client shares by a CUDA IPC handle."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryRegister(
+        self,
+        request: _inference_pb2.CudaSharedMemoryRegisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CudaSharedMemoryRegisterResponse, _abc.Awaitable[_inference_pb2.CudaSharedMemoryRegisterResponse]]:
+        """Register GPU memory (a cudaIpcMemHandle_t of a client's allocation) as a named region."""
+
+    @_abc_1.abstractmethod
+    def CudaSharedMemoryUnregister(
+        self,
+        request: _inference_pb2.CudaSharedMemoryUnregisterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inference_pb2.CudaSharedMemoryUnregisterResponse, _abc.Awaitable[_inference_pb2.CudaSharedMemoryUnregisterResponse]]:
+        """Forget a CUDA region (every CUDA region when the name is empty)."""
 
 def add_GRPCInferenceServiceServicer_to_server(servicer: GRPCInferenceServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,4 +1,5 @@
-"""System shared-memory regions: registering, reading and writing in place, and every refusal."""
+"""Shared-memory regions: registering, reading and writing in place, and every refusal; CUDA
+regions refused clearly on a host without a CUDA driver."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moesaic.errors import InvalidInput, NotFound
-from moesaic.nodes.shm import RegionRef, SystemSharedMemory
+from moesaic.errors import FailedPrecondition, InvalidInput, NotFound
+from moesaic.nodes.shm import CUDA_EXTENSION, EXTENSION, CudaRegion, RegionRef, SharedMemory
+from moesaic.runtime import cuda_ipc
 
 pytestmark = pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="needs /dev/shm")
 
@@ -26,7 +28,7 @@ def segment() -> Iterator[shared_memory.SharedMemory]:
 
 
 def test_read_and_write_in_place(segment: shared_memory.SharedMemory) -> None:
-    regions = SystemSharedMemory()
+    regions = SharedMemory()
     regions.register("r", "/" + segment.name, 16, 32)
     np.frombuffer(segment.buf, np.float32)[4:8] = [1, 2, 3, 4]  # bytes 16..31: the region's start
     view = np.frombuffer(regions.read(RegionRef("r", 0, 16), "input 'x'"), np.float32)
@@ -53,10 +55,36 @@ def test_read_and_write_in_place(segment: shared_memory.SharedMemory) -> None:
     ],
 )
 def test_refusals_are_invalid_input(segment: shared_memory.SharedMemory, call: object, message: str) -> None:
-    regions = SystemSharedMemory()
+    regions = SharedMemory()
     regions.register("ok", "/" + segment.name, 0, 8)
     with pytest.raises(InvalidInput, match=message):
         call(regions, "/" + segment.name)  # type: ignore[operator]
     with pytest.raises(NotFound):
         regions.status("nope")
     regions.close()
+
+
+def test_system_and_cuda_regions_are_listed_apart(segment: shared_memory.SharedMemory) -> None:
+    regions = SharedMemory()
+    regions.register("r", "/" + segment.name, 0, 8)
+    assert regions.status("", CudaRegion) == []
+    with pytest.raises(NotFound):
+        regions.status("r", CudaRegion)
+    regions.unregister("", CudaRegion)  # forgets CUDA regions only
+    assert [r.name for r in regions.status()] == ["r"]
+    regions.close()
+
+
+def test_a_cuda_handle_of_the_wrong_size_is_the_clients_error() -> None:
+    with pytest.raises(InvalidInput, match="expected the 64 bytes of a cudaIpcMemHandle_t, got 3"):
+        SharedMemory().register_cuda("g", b"abc", 0, 16)
+
+
+@pytest.mark.skipif(cuda_ipc.available(), reason="this host has a CUDA driver (covered in tests/gpu)")
+def test_without_a_cuda_driver_cuda_regions_are_refused_by_name() -> None:
+    regions = SharedMemory()
+    with pytest.raises(FailedPrecondition, match="CUDA shared memory needs a CUDA device: no CUDA driver"):
+        regions.register_cuda("g", bytes(64), 0, 16)
+    assert regions.status("", CudaRegion) == []
+    assert SharedMemory.extensions() == [EXTENSION]
+    assert CUDA_EXTENSION not in SharedMemory.extensions()
