@@ -8,7 +8,10 @@ process on the same host would use it) sends the 1242 x 375 KITTI frame ``kitti_
 (a) ``wire``: the decoded RGB frame (1.4 MB) in the request;
 (b) ``shm``: the decoded frame written into a registered system shared-memory region, the
     request naming the region (the frame never crosses the socket);
-(c) ``png`` / ``jpeg``: the encoded frame as ``BYTES [1]``, decoded on the node.
+(c) ``png`` / ``jpeg``: the encoded frame as ``BYTES [1]``, decoded on the node;
+(d) ``cuda_shm`` (where the host has a CUDA device and cuda-python): the frame written into GPU
+    memory made by tritonclient's ``cuda_shared_memory`` utilities, registered by its CUDA IPC
+    handle; the node copies it to the host once (the letterbox runs there).
 
 Interleaved in chunks of 10; p50/p99 of the client round trip and the node's ``compute_ms``.
 The shared-memory write of each frame is part of (b)'s time. tritonclient and moesaic's stubs
@@ -94,8 +97,12 @@ def main() -> int:
             return call
 
         calls = {"wire": wire, "shm": in_shm, "png": encoded(png), "jpeg": encoded(jpeg)}
+        gpu = _cuda_region(client, frame)
+        if gpu is not None:
+            calls["cuda_shm"] = gpu[0]
         boxes = {k: call().as_numpy("boxes") for k, call in calls.items()}  # and warm-up
         assert np.array_equal(boxes["wire"], boxes["shm"]) and np.array_equal(boxes["wire"], boxes["png"])
+        assert gpu is None or np.array_equal(boxes["wire"], boxes["cuda_shm"])
         for call in calls.values():
             for _ in range(10):
                 call()
@@ -111,7 +118,10 @@ def main() -> int:
                     )
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
-    sizes = {"wire": frame.nbytes, "shm": 0, "png": len(png), "jpeg": len(jpeg)}
+        if gpu is not None:
+            client.unregister_cuda_shared_memory()
+            gpu[1]()
+    sizes = {"wire": frame.nbytes, "shm": 0, "png": len(png), "jpeg": len(jpeg), "cuda_shm": 0}
     lines = [
         f"yolo-n on {args.device}, KITTI frame {frame.shape[1]}x{frame.shape[0]}; p50 (p99) ms",
         "| frame as | bytes on the socket | round trip | node compute | round trip / wire |",
@@ -129,6 +139,32 @@ def main() -> int:
     print(f"machine: {summary['machine']}")
     print(f"raw results: {write_results('frame_transport', summary, out=args.out)}")
     return 0
+
+
+def _cuda_region(client: Any, frame: np.ndarray) -> tuple[Any, Any] | None:
+    """(a call sending ``frame`` through a CUDA region, its clean-up), or None without CUDA."""
+    from moesaic.runtime import cuda_ipc
+
+    if not cuda_ipc.available():
+        print(f"no cuda_shm row: {cuda_ipc.driver_problem()}")
+        return None
+    try:
+        import tritonclient.utils.cuda_shared_memory as cudashm
+    except (ImportError, RuntimeError) as exc:  # tritonclient raises RuntimeError without cuda-python
+        print(f"no cuda_shm row: {exc}")
+        return None
+    import tritonclient.grpc as triton
+
+    handle = cudashm.create_shared_memory_region("gpu-frame", frame.nbytes, 0)
+    client.register_cuda_shared_memory("gpu-frame", cudashm.get_raw_handle(handle), 0, frame.nbytes)
+
+    def call() -> Any:
+        cudashm.set_shared_memory_region(handle, [frame])  # the camera's frame reaches the GPU
+        tensor = triton.InferInput("image", list(frame.shape), "UINT8")
+        tensor.set_shared_memory("gpu-frame", frame.nbytes)
+        return client.infer("yolo-n", [tensor])
+
+    return call, lambda: cudashm.destroy_shared_memory_region(handle)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def _load() -> _Driver:
             try:
                 _driver = _Driver()
             except OSError as exc:
-                _problem = f"no CUDA driver on this host (libcuda.so.1: {exc})"
+                _problem = f"no CUDA driver on this host ({exc})"
             except (AttributeError, FailedPrecondition) as exc:
                 _problem = f"the CUDA driver cannot be used: {exc}"
     if _driver is None:
