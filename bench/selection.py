@@ -49,8 +49,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.record import write_results  # noqa: E402
+from moesaic.budget import Budget  # noqa: E402
 from moesaic.coordinator.selection import (  # noqa: E402
-    Budget,
     ExpertCost,
     SelectionProblem,
     brute_force,
@@ -163,7 +163,7 @@ def quality_curves(
     rng = np.random.default_rng(1)
     rows = []
     for frac in fractions:
-        budget = Budget(latency_ms, frac * total)
+        budget = Budget(latency_ms=latency_ms, energy_mj=frac * total)
         ids_of = lambda idx: tuple(problem.experts[i].id for i in idx)  # noqa: E731
         moe = solve(problem, budget)
         single = best_single(problem, budget)
@@ -198,7 +198,10 @@ def optimality(instances: int, seed: int = 7) -> dict[str, object]:
         gate = rng.dirichlet(np.ones(n) * rng.choice([0.3, 1.0, 3.0]), len(f.table_val.frame))
         problem = SelectionProblem(tuple(f.costs), f.table_val.q, gate)
         total = sum(c.energy_mj for c in f.costs)
-        budget = Budget(float(rng.choice([0, rng.uniform(3, 40)])), float(rng.uniform(0.05, 0.8) * total))
+        budget = Budget(
+            latency_ms=float(rng.choice([0, rng.uniform(3, 40)])),
+            energy_mj=float(rng.uniform(0.05, 0.8) * total),
+        )
         exact, ref = solve(problem, budget), brute_force(problem, budget)
         gap = abs(exact.loss - ref.loss)
         worst_gap = max(worst_gap, gap)
@@ -240,7 +243,7 @@ def solve_times(ns: list[int], repeats: int, fraction: float, latency_ms: float)
             f = fleet(n, seed=50 + r, m_train=400, m_val=200, m_test=1)
             gate = _train_gate(f.table_train, steps=200)
             problem = f.table_val.problem(gate.weights_all(f.table_val.features), f.costs)
-            budget = Budget(latency_ms, fraction * sum(c.energy_mj for c in f.costs))
+            budget = Budget(latency_ms=latency_ms, energy_mj=fraction * sum(c.energy_mj for c in f.costs))
             s = solve(problem, budget)
             times.append(s.solve_ms)
             nodes.append(s.nodes_explored)
@@ -275,7 +278,7 @@ def fine_level_time(requests: int) -> dict[str, float]:
     tm = TaskModel("sim", "sim", gate, f.table_val, 4, gate.weights_all(f.table_val.features))
     planner = Planner(registry.settings, {"sim": tm})
     experts = registry.experts("sim")
-    budget = Budget(50.0, 0.3 * sum(c.energy_mj for c in f.costs))
+    budget = Budget(latency_ms=50.0, energy_mj=0.3 * sum(c.energy_mj for c in f.costs))
     feats = f.table_test.features
     planner.plan("sim", experts, feats[0], budget)  # coarse solve, cached
     batch = 100

@@ -77,20 +77,25 @@ def _coordinator(args: argparse.Namespace) -> int:
 
 
 def _select(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from moesaic.budget import Budget
     from moesaic.coordinator.problem import ProblemError, load_problem
-    from moesaic.coordinator.selection import Budget, brute_force, solve
+    from moesaic.coordinator.selection import brute_force, solve
 
     try:
         problem, budget = load_problem(args.problem)
     except ProblemError as exc:
         return _fail("select", str(exc))
-    for flag, value in (("--latency-ms", args.latency_ms), ("--energy-mj", args.energy_mj)):
-        if value is not None and not (value >= 0 and value != float("inf")):
-            return _fail("select", f"{flag}: expected a finite value >= 0, got {value}")
-    budget = Budget(
-        budget.latency_ms if args.latency_ms is None else args.latency_ms,
-        budget.energy_mj if args.energy_mj is None else args.energy_mj,
-    )
+    flags = {"latency_ms": args.latency_ms, "energy_mj": args.energy_mj}
+    try:
+        budget = Budget.model_validate(
+            {**budget.model_dump(), **{k: v for k, v in flags.items() if v is not None}}
+        )
+    except ValidationError as exc:
+        field = str(exc.errors()[0]["loc"][0])
+        flag = "--" + field.replace("_", "-")
+        return _fail("select", f"{flag}: expected a finite value >= 0, got {flags[field]}")
     result = solve(problem, budget)
     out = result.to_json()
     if args.brute_force:

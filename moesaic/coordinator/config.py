@@ -3,7 +3,8 @@
 YAML, validated by pydantic with ``extra="forbid"``; every error names the file and the
 field. Relative paths are relative to the config file. Settings under ``coordinator:`` can be
 overridden from the environment as ``MOESAIC_COORDINATOR_<FIELD>`` (e.g.
-``MOESAIC_COORDINATOR_OVERHEAD_MS=4``)::
+``MOESAIC_COORDINATOR_OVERHEAD_MS=4``, ``MOESAIC_COORDINATOR_TLS__KEY=...``) and from systemd
+credentials named like the field (``tls__key``): :func:`moesaic.config.load_settings`::
 
     coordinator:
       overhead_ms: 3
@@ -18,19 +19,17 @@ overridden from the environment as ``MOESAIC_COORDINATOR_<FIELD>`` (e.g.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from moesaic.config import describe_errors, read_text_file, yaml_problem
+from moesaic.budget import UNBOUNDED, Budget
+from moesaic.config import load_settings, read_yaml_mapping
 from moesaic.rpc import TlsConfig
 
 __all__ = [
-    "BudgetConfig",
     "CoordinatorSettings",
     "ExpertOverride",
     "FleetConfig",
@@ -40,25 +39,15 @@ __all__ = [
     "parse_fleet",
 ]
 
-_ENV_PREFIX = "MOESAIC_COORDINATOR_"
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class BudgetConfig(_Strict):
-    latency_ms: float = Field(0.0, ge=0, description="Latency budget in ms; 0 = unbounded.")
-    energy_mj: float = Field(0.0, ge=0, description="Energy budget in mJ; 0 = unbounded.")
-
-    def as_tuple(self) -> tuple[float, float]:
-        return self.latency_ms, self.energy_mj
-
-
 class CoordinatorSettings(_Strict):
     overhead_ms: float = Field(2.0, ge=0, description="Network round trip + fusion time added to every set.")
-    default_budget: BudgetConfig = Field(
-        default_factory=lambda: BudgetConfig.model_validate({}),
+    default_budget: Budget = Field(
+        default=UNBOUNDED,
         description="Budget of requests that carry none.",
     )
     default_deadline_ms: float = Field(
@@ -166,34 +155,19 @@ class FleetConfig(_Strict):
         return self
 
 
-def _env_overrides(data: dict[str, Any], env: Mapping[str, str]) -> dict[str, Any]:
-    section = dict(data.get("coordinator") or {})
-    for key, value in env.items():
-        if key.startswith(_ENV_PREFIX):
-            field = key[len(_ENV_PREFIX) :].lower()
-            if field not in CoordinatorSettings.model_fields:
-                raise ValueError(f"{key}: coordinator has no setting {field!r}")
-            section[field] = yaml.safe_load(value)
-    if section:
-        data = {**data, "coordinator": section}
-    return data
-
-
 def parse_fleet(
     data: Any, *, source: str = "fleet config", base: Path | None = None, env: Mapping[str, str] | None = None
 ) -> FleetConfig:
-    """Validate a decoded fleet config; errors name ``source`` and the field."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping at the top level")
-    try:
-        data = _env_overrides(data, os.environ if env is None else env)
-        config = FleetConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"{source}: {describe_errors(exc)}") from None
-    except ValueError as exc:
-        raise ValueError(f"{source}: {exc}") from None
+    """Validate a decoded fleet config with the environment and credentials on top
+    (:func:`moesaic.config.load_settings`); errors name ``source`` (or the variable) and the field."""
+    config = load_settings(
+        FleetConfig,
+        role="coordinator",
+        data={} if data is None else data,
+        source=source,
+        env=env,
+        env_section="coordinator",
+    )
     if base is not None:
         for settings in config.tasks.values():
             for name in ("gate", "validation"):
@@ -205,9 +179,4 @@ def parse_fleet(
 
 def load_fleet(path: Path, *, env: Mapping[str, str] | None = None) -> FleetConfig:
     """Read a fleet YAML file."""
-    text = read_text_file(path)
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{path}: not valid YAML: {yaml_problem(exc)}") from None
-    return parse_fleet(data, source=str(path), base=path.parent, env=env)
+    return parse_fleet(read_yaml_mapping(path), source=str(path), base=path.parent, env=env)

@@ -18,10 +18,10 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from moesaic.budget import Budget
 from moesaic.coordinator.calls import Caller, ExpertCall, Run
 from moesaic.coordinator.planner import Planner, cheapest
 from moesaic.coordinator.registry import Expert, Registry
-from moesaic.coordinator.selection import Budget
 from moesaic.errors import DeadlineExceeded, Unavailable
 
 if TYPE_CHECKING:
@@ -124,7 +124,7 @@ class Dispatch:
             state.request.task,
             self.untried(),
             state.features,
-            Budget(lat_left, energy_left),
+            Budget(latency_ms=lat_left, energy_mj=energy_left),
             epoch=self.registry.epoch,
             busy=busy,
             limit=limit,

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from moesaic.budget import UNBOUNDED, Budget
 from moesaic.coordinator.calls import Caller, Run
 from moesaic.coordinator.config import CoordinatorSettings
 from moesaic.coordinator.dispatch import Dispatch
@@ -31,7 +32,6 @@ from moesaic.coordinator.fusion import FUSED_TASKS, ExpertOutput, Fused, fuse
 from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.planner import Plan, Planner, cheapest
 from moesaic.coordinator.registry import Expert, Registry
-from moesaic.coordinator.selection import Budget
 from moesaic.coordinator.sliced import perceive_sliced
 from moesaic.errors import InvalidInput, ResourceExhausted, Unavailable, quote
 from moesaic.metrics import Metrics
@@ -43,7 +43,7 @@ __all__ = ["PerceiveInput", "Perception", "Pipeline", "RequestState"]
 class PerceiveInput:
     task: str
     inputs: RequestInputs
-    budget: Budget = field(default_factory=Budget)
+    budget: Budget = UNBOUNDED
     request_id: str = ""
     options: Mapping[str, str] = field(default_factory=dict)
     deadline: float | None = None
@@ -62,7 +62,7 @@ class Perception:
     measured_energy_mj: float
     energy_measured: bool
     budget_met: bool
-    budget: Budget = field(default_factory=Budget)
+    budget: Budget = UNBOUNDED
     budget_reason: str = ""
     feasible: bool = True
     cheapest_latency_ms: float = 0.0
@@ -129,7 +129,7 @@ class Pipeline:
             raise InvalidInput(f"task: {request.task!r} is not one of {list(FUSED_TASKS)}")
         s = self.settings
         start = time.monotonic()
-        budget = request.budget if request.budget.bounded else Budget(*s.default_budget.as_tuple())
+        budget = request.budget if request.budget.bounded else s.default_budget
         deadline = start + s.default_deadline_ms / 1e3
         if request.deadline is not None:
             deadline = min(deadline, request.deadline - 0.005)

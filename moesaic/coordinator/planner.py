@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
+from moesaic.budget import Budget
 from moesaic.coordinator.config import CoordinatorSettings, TaskSettings
 from moesaic.coordinator.gate import Gate
 from moesaic.coordinator.registry import Expert
-from moesaic.coordinator.selection import Budget, solve
+from moesaic.coordinator.selection import solve
 from moesaic.coordinator.validation import ValidationTable
 
 __all__ = ["Plan", "Planner", "TaskModel", "cheapest", "load_task_models", "set_cost"]
@@ -180,7 +181,9 @@ class Planner:
         if hit is not None:
             return hit
         ratio = self.settings.budget_bucket_ratio
-        bucketed = Budget(_bucket(budget.latency_ms, ratio), _bucket(budget.energy_mj, ratio))
+        bucketed = Budget(
+            latency_ms=_bucket(budget.latency_ms, ratio), energy_mj=_bucket(budget.energy_mj, ratio)
+        )
         tm = self.task_model(task)
         if cands and tm.table is not None and tm.table_gate is not None:
             chosen_ids = self._solve(tm, cands, bucketed, epoch)

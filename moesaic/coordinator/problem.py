@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moesaic.budget import UNBOUNDED, Budget
 from moesaic.config import describe_errors, read_text_file
-from moesaic.coordinator.selection import Budget, ExpertCost, SelectionProblem
+from moesaic.coordinator.selection import ExpertCost, SelectionProblem
 
 __all__ = ["ProblemError", "load_problem", "parse_problem"]
 
@@ -47,18 +48,12 @@ class _Sample(BaseModel):
     probs: list[list[float]]
 
 
-class _Budget(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    latency_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    energy_mj: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-
-
 class _Problem(BaseModel):
     model_config = ConfigDict(extra="forbid")
     overhead_ms: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     experts: list[_Expert] = Field(min_length=1)
     samples: list[_Sample] = Field(min_length=1)
-    budget: _Budget = Field(default_factory=_Budget)
+    budget: Budget = Field(default=UNBOUNDED)
 
 
 def parse_problem(data: Any, *, source: str = "problem") -> tuple[SelectionProblem, Budget]:
@@ -100,7 +95,7 @@ def parse_problem(data: Any, *, source: str = "problem") -> tuple[SelectionProbl
         gate[s] = sample.gate
     experts = tuple(ExpertCost(e.id, e.device, e.latency_ms, e.energy_mj) for e in doc.experts)
     problem = SelectionProblem(experts, q, gate, doc.overhead_ms)
-    return problem, Budget(doc.budget.latency_ms, doc.budget.energy_mj)
+    return problem, doc.budget
 
 
 def load_problem(path: Path) -> tuple[SelectionProblem, Budget]:

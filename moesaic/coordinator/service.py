@@ -22,11 +22,11 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
+from moesaic.budget import Budget
 from moesaic.coordinator.config import FleetConfig
 from moesaic.coordinator.core import Coordinator, PerceiveInput, Perception
 from moesaic.coordinator.fusion import FUSED_TASKS
 from moesaic.coordinator.inputs import check_options, decode_inputs
-from moesaic.coordinator.selection import Budget
 from moesaic.errors import InvalidInput, as_moesaic_error, quote
 from moesaic.metrics import Metrics
 from moesaic.proto import moesaic_pb2, moesaic_pb2_grpc
@@ -76,7 +76,7 @@ def to_domain(request: Any, deadline: float | None = None) -> PerceiveInput:
     return PerceiveInput(
         task=request.task,
         inputs=decode_inputs(request.task, request, options),
-        budget=Budget(b.latency_ms, b.energy_mj),
+        budget=Budget(latency_ms=b.latency_ms, energy_mj=b.energy_mj),
         request_id=request.request_id,
         options=options,
         deadline=deadline,

@@ -74,8 +74,7 @@ def fleet_dashboard(
     config = DashboardConfig.model_validate(
         {
             "listen": listen,
-            "broker": broker,
-            "protocol": protocol,
+            "mqtt": {"broker": broker, "protocol": protocol},
             "coordinator": coordinator,
             "nodes": [{"name": name, "address": address} for name, address in (nodes or {}).items()],
             "metrics": [{"name": name, "url": url} for name, url in (metrics or {}).items()],

@@ -68,7 +68,7 @@ def run_dashboard(args: argparse.Namespace) -> int:
             )
         config = load_dashboard_config(
             args.config,
-            broker=args.broker,
+            mqtt={"broker": args.broker},
             listen=args.listen,
             coordinator=args.coordinator,
             fleet=args.fleet,

@@ -5,30 +5,41 @@ flags override it::
 
     listen: 127.0.0.1:8321                  # loopback by default
     tls: {cert: dashboard.pem, key: dashboard.key}   # HTTPS (client_ca: mutual TLS)
-    broker: mqtts://broker.local:8883
-    username: dashboard
-    password_credential: mqtt-password      # read from $CREDENTIALS_DIRECTORY (systemd)
-    mqtt_tls: {ca_file: /etc/moesaic/ca.pem}
+    mqtt:                                   # the broker, as the bridge's settings name it
+      broker: mqtts://broker.local:8883
+      username: dashboard
+      password_credential: mqtt-password    # read from $CREDENTIALS_DIRECTORY (systemd)
+      tls: {ca_file: /etc/moesaic/ca.pem}
     coordinator: 127.0.0.1:8500             # its gRPC health is shown
     fleet: /etc/moesaic/fleet.yaml          # the coordinator's fleet config: the nodes to describe
     nodes: [{address: 10.0.0.11:8001, name: jetson-a}]
     metrics: [{name: coordinator, url: http://127.0.0.1:9101/metrics}]
     history_s: 300
 
-Environment overrides (as for the bridge): ``MOESAIC_MQTT_USERNAME``, ``MOESAIC_MQTT_PASSWORD``.
+Environment overrides: ``MOESAIC_DASHBOARD_<FIELD>``, nested with ``__``
+(``MOESAIC_DASHBOARD_MQTT__BROKER``); ``MOESAIC_MQTT_USERNAME`` and ``MOESAIC_MQTT_PASSWORD`` are
+aliases of ``MOESAIC_DASHBOARD_MQTT__USERNAME``/``__PASSWORD``, as for the bridge. Under systemd,
+a credential named like a field (``mqtt__password``) sets it. Precedence and error format:
+:func:`moesaic.config.load_settings`.
+
+Until 0.2 the broker settings may still be written at the top level (``broker``, ``protocol``,
+``username``, ``password``, ``password_credential``, and ``mqtt_tls`` for ``mqtt.tls``); they
+are moved under ``mqtt:`` with a ``FutureWarning``.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from moesaic.config import load_model
-from moesaic.ingest.config import IngestConfig, TlsOptions, parse_broker_url
+from moesaic.config import load_settings
+from moesaic.ingest.config import ENV_ALIASES, BrokerSettings, IngestConfig
 from moesaic.rpc import TlsConfig
 
 __all__ = [
@@ -44,6 +55,17 @@ __all__ = [
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+_TOP_LEVEL_BROKER = {
+    "broker": "broker",
+    "protocol": "protocol",
+    "username": "username",
+    "password": "password",
+    "password_credential": "password_credential",
+    "mqtt_tls": "tls",
+}
+"""0.1's top-level broker keys and their names under ``mqtt:``."""
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -138,16 +160,9 @@ class DashboardConfig(_Strict):
         description="Host header names accepted besides the listen host (and, on loopback, localhost); "
         "others are refused, which keeps DNS-rebinding pages out",
     )
-    broker: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
-    protocol: Literal["auto", "5", "3.1.1"] = Field(
-        default="auto", description="MQTT version; auto tries 5 and falls back to 3.1.1"
+    mqtt: BrokerSettings = Field(
+        default_factory=BrokerSettings, description="the broker: address, protocol, credentials, TLS"
     )
-    username: str | None = Field(default=None, description="broker user name")
-    password: str | None = Field(default=None, description="broker password (prefer password_credential)")
-    password_credential: str | None = Field(
-        default=None, description="name of a systemd credential (LoadCredential=) holding the password"
-    )
-    mqtt_tls: TlsOptions | None = Field(default=None, description="TLS to the broker; mqtts:// turns it on")
     camera_frames: bool = Field(
         default=True, description="subscribe to camera frames to draw detections on them"
     )
@@ -170,11 +185,27 @@ class DashboardConfig(_Strict):
         parse_listen(value)
         return value
 
-    @field_validator("broker")
+    @model_validator(mode="before")
     @classmethod
-    def _broker_url(cls, value: str) -> str:
-        parse_broker_url(value)
-        return value
+    def _top_level_broker(cls, data: Any) -> Any:
+        """The broker settings of 0.1, at the top level: moved under ``mqtt:``, with a warning."""
+        if not isinstance(data, Mapping):
+            return data
+        old = [key for key in _TOP_LEVEL_BROKER if key in data]
+        if not old:
+            return data
+        warnings.warn(
+            f"dashboard config: {', '.join(old)} at the top level is deprecated (until 0.2); write "
+            + ", ".join(f"mqtt.{_TOP_LEVEL_BROKER[key]}" for key in old),
+            FutureWarning,
+            stacklevel=2,
+        )
+        moved = {k: v for k, v in data.items() if k not in _TOP_LEVEL_BROKER}
+        section = dict(data.get("mqtt") or {})
+        for key in old:
+            section.setdefault(_TOP_LEVEL_BROKER[key], data[key])
+        moved["mqtt"] = section
+        return moved
 
     @property
     def scheme(self) -> str:
@@ -182,18 +213,26 @@ class DashboardConfig(_Strict):
 
     def mqtt_config(self) -> IngestConfig:
         """The broker settings as the MQTT client wrapper takes them (a clean, non-persistent session)."""
-        return IngestConfig(
-            broker=self.broker,
-            protocol=self.protocol,
-            username=self.username,
-            password=self.password,
-            password_credential=self.password_credential,
-            tls=self.mqtt_tls,
-            component="dashboard",
-            persistent_session=False,
+        return IngestConfig.model_validate(
+            {**self.mqtt.model_dump(), "component": "dashboard", "persistent_session": False}
         )
 
 
-def load_dashboard_config(path: Path | None = None, **overrides: object) -> DashboardConfig:
-    """Read ``path`` (YAML) and apply non-None ``overrides``; ``ValueError`` naming file and field."""
-    return load_model(DashboardConfig, path, what="dashboard config", **overrides)
+DASHBOARD_ENV_ALIASES = {alias: f"mqtt__{field}" for alias, field in ENV_ALIASES.items()}
+"""``MOESAIC_MQTT_USERNAME``/``_PASSWORD`` name ``mqtt.username``/``mqtt.password`` here."""
+
+
+def load_dashboard_config(
+    path: Path | None = None, *, env: Mapping[str, str] | None = None, **overrides: object
+) -> DashboardConfig:
+    """The dashboard's settings: non-None ``overrides`` (CLI flags), ``MOESAIC_DASHBOARD_*``
+    variables, ``$CREDENTIALS_DIRECTORY``, then ``path`` (YAML): :func:`moesaic.config.load_settings`.
+    ``ValueError`` naming the source and field."""
+    return load_settings(
+        DashboardConfig,
+        path,
+        role="dashboard",
+        env=env,
+        overrides=overrides,
+        env_aliases=DASHBOARD_ENV_ALIASES,
+    )

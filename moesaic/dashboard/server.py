@@ -2,7 +2,7 @@
 
 ::
 
-    async with Dashboard(load_dashboard_config(broker="mqtt://127.0.0.1:1883")) as dashboard:
+    async with Dashboard(load_dashboard_config(mqtt={"broker": "mqtt://127.0.0.1:1883"})) as dashboard:
         print(dashboard.url)            # http://127.0.0.1:8321/
         await stop.wait()
 

@@ -44,7 +44,7 @@ class MqttFeed:
 
     def _report(self, **fields: Any) -> None:
         self.state.update_component(
-            "broker", now=time.time(), kind="broker", url=self.config.broker, **fields
+            "broker", now=time.time(), kind="broker", url=self.config.mqtt.broker, **fields
         )
 
     async def run(self) -> None:
@@ -57,7 +57,9 @@ class MqttFeed:
             except aiomqtt.MqttError as exc:
                 self.connected.clear()
                 self._report(health="down", error=str(exc)[:300])
-                log.warning("dashboard: broker %s: %s; retrying in %.1fs", self.config.broker, exc, delay)
+                log.warning(
+                    "dashboard: broker %s: %s; retrying in %.1fs", self.config.mqtt.broker, exc, delay
+                )
             await asyncio.sleep(delay * (0.8 + 0.4 * random.random()))
             delay = min(delay * 2, 10.0)
 
@@ -66,7 +68,7 @@ class MqttFeed:
             "5": [aiomqtt.ProtocolVersion.V5],
             "3.1.1": [aiomqtt.ProtocolVersion.V311],
             "auto": [aiomqtt.ProtocolVersion.V5, aiomqtt.ProtocolVersion.V311],
-        }[self.config.protocol]
+        }[self.config.mqtt.protocol]
         for i, protocol in enumerate(protocols):
             client = aiomqtt.Client(
                 **connect_options(self.mqtt, client_id=self._client_id, protocol=protocol)
@@ -84,7 +86,7 @@ class MqttFeed:
                 await client.subscribe(topic_filter, qos=qos, timeout=_TIMEOUT_S)
             self.connected.set()
             self._report(health="serving", error="")
-            log.info("dashboard: subscribed to %s", self.config.broker)
+            log.info("dashboard: subscribed to %s", self.config.mqtt.broker)
             async for message in client.messages:
                 payload = message.payload
                 data = payload if isinstance(payload, bytes) else str(payload or "").encode()

@@ -152,16 +152,19 @@ def fleet_yaml(nodes: list[NodePlan], metrics_port: int, tasks: Mapping[str, Tas
 
 def ingest_yaml(lidar_tasks: list[str], camera_tasks: list[str], metrics_port: int) -> str:
     """The bridge's config: LiDAR frames to the LiDAR tasks, camera frames to detection."""
-    return yaml.safe_dump(
-        {
-            "component": "ingest",
-            "protocol": "3.1.1",
-            "metrics_port": metrics_port,
-            "request_timeout_s": 5.0,
-            "defaults": {
-                "lidar": {"tasks": lidar_tasks or [LIDAR_TASKS[0]]},
-                "camera": {"tasks": camera_tasks or [CAMERA_TASKS[0]]},
-            },
+    from moesaic.config import load_settings
+    from moesaic.ingest.config import IngestConfig
+
+    data = {
+        "component": "ingest",
+        "protocol": "3.1.1",
+        "metrics_port": metrics_port,
+        "request_timeout_s": 5.0,
+        "defaults": {
+            "lidar": {"tasks": lidar_tasks or [LIDAR_TASKS[0]]},
+            "camera": {"tasks": camera_tasks or [CAMERA_TASKS[0]]},
         },
-        sort_keys=False,
-    )
+    }
+    # a mistake here fails now, not in the child
+    load_settings(IngestConfig, role="ingest", data=data, source="demo ingest config", env={})
+    return yaml.safe_dump(data, sort_keys=False)

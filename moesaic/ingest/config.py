@@ -14,25 +14,32 @@ A YAML file (``moesaic ingest --config FILE``) with every field optional::
     sensors:
       roof: {lidar: {tasks: [bev_segmentation, bev_reconstruction]}}
 
-Environment overrides: ``MOESAIC_MQTT_USERNAME``, ``MOESAIC_MQTT_PASSWORD``.
+Every field can be overridden from the environment as ``MOESAIC_INGEST_<FIELD>`` (nested with
+``__``: ``MOESAIC_INGEST_TLS__CA_FILE``); ``MOESAIC_MQTT_USERNAME`` and ``MOESAIC_MQTT_PASSWORD``
+are kept as aliases of ``MOESAIC_INGEST_USERNAME``/``_PASSWORD``. Under systemd, a credential
+named like a field (``password``, ``coordinator_tls__key``) sets it. Precedence and error
+format: :func:`moesaic.config.load_settings`.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from moesaic.config import load_model
+from moesaic.budget import UNBOUNDED, Budget
+from moesaic.config import CREDENTIALS_VARIABLE, load_settings
 from moesaic.ingest.topics import SensorKind, validate_segment
 from moesaic.rpc import TlsConfig
 
 __all__ = [
+    "ENV_ALIASES",
     "BrokerAddress",
-    "BudgetConfig",
+    "BrokerSettings",
     "IngestConfig",
     "StreamConfig",
     "TlsOptions",
@@ -45,20 +52,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class BudgetConfig(_Strict):
-    """Per-request limits; 0 means unbounded."""
-
-    latency_ms: float = Field(default=0.0, ge=0, description="latency budget in milliseconds")
-    energy_mj: float = Field(default=0.0, ge=0, description="energy budget in millijoules")
-
-
 class StreamConfig(_Strict):
     """What to request for the frames of one sensor kind."""
 
     tasks: tuple[str, ...] = Field(description="coordinator tasks requested for every frame")
-    budget: BudgetConfig = Field(
-        default_factory=lambda: BudgetConfig(), description="used when a frame has none"
-    )
+    budget: Budget = Field(default=UNBOUNDED, description="used when a frame has none")
     options: dict[str, str] = Field(
         default_factory=dict, description="PerceiveRequest.options, e.g. slice: 640"
     )
@@ -81,10 +79,10 @@ class SensorConfig(_Strict):
 
 class Defaults(_Strict):
     lidar: StreamConfig = Field(
-        default_factory=lambda: StreamConfig(tasks=("bev_segmentation",), budget=BudgetConfig(latency_ms=500))
+        default_factory=lambda: StreamConfig(tasks=("bev_segmentation",), budget=Budget(latency_ms=500))
     )
     camera: StreamConfig = Field(
-        default_factory=lambda: StreamConfig(tasks=("detection",), budget=BudgetConfig(latency_ms=500))
+        default_factory=lambda: StreamConfig(tasks=("detection",), budget=Budget(latency_ms=500))
     )
 
 
@@ -124,8 +122,13 @@ def parse_broker_url(url: str) -> BrokerAddress:
     return BrokerAddress(host=parts.hostname, port=port, tls=tls)
 
 
-class IngestConfig(_Strict):
-    """Everything the bridge needs. Secrets may come from ``$CREDENTIALS_DIRECTORY``."""
+class BrokerSettings(_Strict):
+    """How to reach the MQTT broker: the bridge's and the dashboard's, one model.
+
+    The password comes from, in order: the systemd credential named by ``password_credential``,
+    then ``password`` (itself from the command line, ``MOESAIC_<ROLE>_PASSWORD`` or its alias
+    ``MOESAIC_MQTT_PASSWORD``, a credential file named ``password``, or the YAML file).
+    """
 
     broker: str = Field(default="mqtt://127.0.0.1:1883", description="mqtt://HOST:PORT or mqtts://HOST:PORT")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
@@ -137,6 +140,40 @@ class IngestConfig(_Strict):
         default=None, description="name of a systemd credential (LoadCredential=) holding the password"
     )
     tls: TlsOptions | None = Field(default=None, description="TLS options; mqtts:// turns TLS on too")
+
+    @field_validator("broker")
+    @classmethod
+    def _broker_url(cls, value: str) -> str:
+        parse_broker_url(value)
+        return value
+
+    @property
+    def broker_address(self) -> BrokerAddress:
+        return parse_broker_url(self.broker)
+
+    def resolve_password(self) -> str | None:
+        """The broker password: the systemd credential ``password_credential``, else ``password``."""
+        if self.password_credential:
+            directory = os.environ.get(CREDENTIALS_VARIABLE)
+            if not directory:
+                raise ValueError(
+                    f"password_credential {self.password_credential!r} needs $CREDENTIALS_DIRECTORY "
+                    "(run under systemd with LoadCredential=, or set MOESAIC_MQTT_PASSWORD)"
+                )
+            path = Path(directory) / self.password_credential
+            try:
+                return path.read_text().rstrip("\r\n")
+            except OSError as exc:
+                raise ValueError(f"cannot read credential {path}: {exc.strerror}") from None
+        return self.password
+
+    def resolve_username(self) -> str | None:
+        return self.username
+
+
+class IngestConfig(BrokerSettings):
+    """Everything the bridge needs. Secrets may come from ``$CREDENTIALS_DIRECTORY``."""
+
     client_id: str | None = Field(
         default=None,
         description="MQTT client id; default moesaic-{component}-{host name} (stable, so a persistent "
@@ -179,42 +216,23 @@ class IngestConfig(_Strict):
     def _topic_level(cls, value: str | None) -> str | None:
         return None if value is None else validate_segment(value, "component/group")
 
-    @field_validator("broker")
-    @classmethod
-    def _broker_url(cls, value: str) -> str:
-        parse_broker_url(value)
-        return value
-
-    @property
-    def broker_address(self) -> BrokerAddress:
-        return parse_broker_url(self.broker)
-
     def stream(self, sensor_id: str, kind: SensorKind) -> StreamConfig:
         """Tasks, budget and options for frames of ``sensor_id``'s ``kind``."""
         sensor = self.sensors.get(sensor_id)
         override = getattr(sensor, kind) if sensor else None
         return override or getattr(self.defaults, kind)
 
-    def resolve_password(self) -> str | None:
-        """The broker password: the systemd credential, then env, then the config value."""
-        if self.password_credential:
-            directory = os.environ.get("CREDENTIALS_DIRECTORY")
-            if not directory:
-                raise ValueError(
-                    f"password_credential {self.password_credential!r} needs $CREDENTIALS_DIRECTORY "
-                    "(run under systemd with LoadCredential=, or set MOESAIC_MQTT_PASSWORD)"
-                )
-            path = Path(directory) / self.password_credential
-            try:
-                return path.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise ValueError(f"cannot read credential {path}: {exc.strerror}") from None
-        return os.environ.get("MOESAIC_MQTT_PASSWORD") or self.password
 
-    def resolve_username(self) -> str | None:
-        return os.environ.get("MOESAIC_MQTT_USERNAME") or self.username
+ENV_ALIASES = {"MOESAIC_MQTT_USERNAME": "username", "MOESAIC_MQTT_PASSWORD": "password"}
+"""Documented names of the broker's credentials, for the bridge and the dashboard alike."""
 
 
-def load_config(path: Path | None = None, **overrides: object) -> IngestConfig:
-    """Read ``path`` (YAML) and apply non-None ``overrides``; ``ValueError`` naming file and field."""
-    return load_model(IngestConfig, path, what="ingest config", **overrides)
+def load_config(
+    path: Path | None = None, *, env: Mapping[str, str] | None = None, **overrides: object
+) -> IngestConfig:
+    """The bridge's settings: non-None ``overrides`` (CLI flags), ``MOESAIC_INGEST_*`` variables
+    (and :data:`ENV_ALIASES`), ``$CREDENTIALS_DIRECTORY``, then ``path`` (YAML):
+    :func:`moesaic.config.load_settings`. ``ValueError`` naming the source and field."""
+    return load_settings(
+        IngestConfig, path, role="ingest", env=env, overrides=overrides, env_aliases=ENV_ALIASES
+    )

@@ -29,7 +29,9 @@ def connect_options(
     published while the bridge is away wait at the broker for it.
 
     TLS is on for ``mqtts://`` brokers and whenever ``tls:`` is configured; the password comes
-    from the systemd credential, ``$MOESAIC_MQTT_PASSWORD`` or the config, in that order.
+    from the systemd credential ``password_credential``, else ``password`` (which the settings
+    loader fills from the command line, ``$MOESAIC_MQTT_PASSWORD``, a ``password`` credential or
+    the config, in that order).
     """
     address = config.broker_address
     version = protocol or aiomqtt.ProtocolVersion.V5

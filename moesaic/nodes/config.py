@@ -1,4 +1,4 @@
-"""Node configuration: YAML file, then ``MOESAIC_NODE_*`` environment overrides, then CLI flags.
+"""Node configuration: YAML file, credentials, ``MOESAIC_NODE_*`` environment overrides, CLI flags.
 
 .. code-block:: yaml
 
@@ -11,12 +11,13 @@
     watch: true              # load new model versions as they appear (hot swap)
 
 Environment overrides name a field in upper case (``MOESAIC_NODE_LISTEN=0.0.0.0:9000``);
-nested fields use a double underscore (``MOESAIC_NODE_TLS__CERT=/run/creds/node.pem``).
+nested fields use a double underscore (``MOESAIC_NODE_TLS__CERT=/run/creds/node.pem``). Under
+systemd, a credential named like the field (``LoadCredential=tls__key:/etc/moesaic/node.key``)
+sets it too. Precedence and error format: :func:`moesaic.config.load_settings`.
 """
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,12 +25,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from moesaic.config import read_yaml_mapping
+from moesaic.config import env_prefix, load_settings
 from moesaic.rpc import DEFAULT_MAX_MESSAGE_BYTES, TlsConfig
 
 __all__ = ["ENV_PREFIX", "NodeConfig", "format_validation_error", "load_node_config"]
 
-ENV_PREFIX = "MOESAIC_NODE_"
+ENV_PREFIX = env_prefix("node")
 
 
 class NodeConfig(BaseModel):
@@ -121,51 +122,28 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def _env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
-            continue
-        path = key[len(ENV_PREFIX) :].lower().split("__")
-        target = out
-        for part in path[:-1]:
-            target = target.setdefault(part, {})
-        target[path[-1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def load_node_config(
     path: Path | None = None,
     *,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> NodeConfig:
-    """Config from ``path`` (optional), ``MOESAIC_NODE_*`` variables, then ``overrides``.
+    """Config from ``overrides`` (CLI flags), ``MOESAIC_NODE_*`` variables, ``$CREDENTIALS_DIRECTORY``,
+    then ``path`` (optional): :func:`moesaic.config.load_settings`. A relative ``models`` in the
+    file is relative to the file.
 
-    Raises ``ValueError`` whose lines name the file (or ``environment``) and the field.
+    Raises ``ValueError`` whose lines name the file, variable or credential, and the field.
     """
-    raw: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        raw = read_yaml_mapping(Path(path))
-        if isinstance(raw.get("models"), str) and not Path(raw["models"]).is_absolute():
-            raw["models"] = str(Path(path).parent / raw["models"])
-    env_values = _env_overrides(os.environ if env is None else env)
-    if env_values:
-        source = f"{source} + environment ({ENV_PREFIX}*)"
-    merged = _merge(_merge(raw, env_values), {k: v for k, v in (overrides or {}).items() if v is not None})
-    try:
-        return NodeConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise ValueError(format_validation_error(exc, source)) from None
+
+    def relative_to_file(data: dict[str, Any]) -> dict[str, Any]:
+        if (
+            path is not None
+            and isinstance(data.get("models"), str)
+            and not Path(data["models"]).is_absolute()
+        ):
+            data = {**data, "models": str(Path(path).parent / data["models"])}
+        return data
+
+    return load_settings(
+        NodeConfig, path, role="node", env=env, overrides=overrides, prepare_file=relative_to_file
+    )

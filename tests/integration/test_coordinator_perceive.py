@@ -362,10 +362,10 @@ def test_build_validation_train_gate_then_coarse_selection(
         == 2
     )
 
+    from moesaic.budget import Budget
     from moesaic.coordinator.config import load_fleet
     from moesaic.coordinator.core import Coordinator, PerceiveInput
     from moesaic.coordinator.inputs import RequestInputs
-    from moesaic.coordinator.selection import Budget
 
     async def run() -> list[str]:
         async with Coordinator(load_fleet(tmp_path / "fleet.yaml", env={})) as c:

@@ -7,12 +7,12 @@ import time
 
 import pytest
 
+from moesaic.budget import Budget
 from moesaic.coordinator.config import parse_fleet
 from moesaic.coordinator.core import Coordinator
 from moesaic.coordinator.dispatch import Dispatch
 from moesaic.coordinator.inputs import RequestInputs
 from moesaic.coordinator.pipeline import PerceiveInput
-from moesaic.coordinator.selection import Budget
 from tests.unit.coordinator.fleet_state import registry_of
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moesaic.budget import Budget
 from moesaic.coordinator.features import FEATURE_NAMES
 from moesaic.coordinator.gate import Gate, train_gate
 from moesaic.coordinator.planner import Planner, TaskModel
 from moesaic.coordinator.registry import Registry
-from moesaic.coordinator.selection import Budget, brute_force
+from moesaic.coordinator.selection import brute_force
 from moesaic.coordinator.validation import ValidationTable
 from tests.unit.coordinator.fleet_state import registry_of
 

@@ -8,10 +8,10 @@ import math
 import numpy as np
 import pytest
 
+from moesaic.budget import Budget
+from moesaic.coordinator.search import Search
 from moesaic.coordinator.selection import (
-    Budget,
     SelectionProblem,
-    _Search,
     brute_force,
     solve,
     subset_cost,
@@ -44,7 +44,7 @@ def random_problem(rng: np.random.Generator, n: int, m: int = 40, classes: int =
 def random_budget(rng: np.random.Generator) -> Budget:
     lat = float(rng.choice([0.0, rng.uniform(5, 80)]))
     energy = float(rng.choice([0.0, rng.uniform(5, 250)]))
-    return Budget(lat, energy)
+    return Budget(latency_ms=lat, energy_mj=energy)
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -131,7 +131,7 @@ def test_bound_is_a_valid_lower_bound(seed: int) -> None:
     superset I ∪ T, T ⊆ R (T empty included)."""
     rng = np.random.default_rng(100 + seed)
     problem = random_problem(rng, 8)
-    search = _Search(problem, Budget())
+    search = Search(problem, Budget())
     for _ in range(20):
         perm = rng.permutation(problem.size)
         i_size = int(rng.integers(0, problem.size))
@@ -147,7 +147,7 @@ def test_bound_equals_the_best_superset_for_a_single_sample() -> None:
     rng = np.random.default_rng(5)
     for _ in range(20):
         problem = random_problem(rng, 7, m=1)
-        search = _Search(problem, Budget())
+        search = Search(problem, Budget())
         lb = search.bound([0], list(range(1, 7)))
         best = min(
             subset_loss(problem, [0, *extra])

@@ -127,7 +127,7 @@ async def test_https_and_mutual_tls(tmp_path: Path) -> None:
     certs = make_certificates(tmp_path)
     config = load_dashboard_config(
         listen="127.0.0.1:0",
-        broker="mqtt://127.0.0.1:1",  # nothing there: the page still serves
+        mqtt={"broker": "mqtt://127.0.0.1:1"},  # nothing there: the page still serves
         tls={"cert": certs.server_cert, "key": certs.server_key},
     )
     async with Dashboard(config) as dashboard:

@@ -30,7 +30,11 @@ def test_file_then_env_then_overrides(tmp_path: Path) -> None:
         ("lissen: 127.0.0.1:1\n", {}, r"node.yaml: lissen: Extra inputs are not permitted"),
         ("device: tpu\n", {}, r"node.yaml: device: .*expected one of"),
         ("tls: {cert: a.pem}\n", {}, r"node.yaml: tls: .*cert and key must be given together"),
-        ("", {"MOESAIC_NODE_MAX_MESSAGE_BYTES": "-1"}, r"environment \(MOESAIC_NODE_\*\): max_message_bytes"),
+        (
+            "",
+            {"MOESAIC_NODE_MAX_MESSAGE_BYTES": "-1"},
+            r"environment MOESAIC_NODE_MAX_MESSAGE_BYTES: max_message_bytes: .*greater than 0",
+        ),
         ("- a\n", {}, r"node.yaml: expected a mapping"),
     ],
 )
