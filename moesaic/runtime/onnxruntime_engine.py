@@ -33,7 +33,7 @@ from moesaic.runtime.engine import (
     dtype_of,
     register_engine,
 )
-from moesaic.runtime.ort_binding import DeviceBinding, is_torch_cuda
+from moesaic.runtime.ort_binding import DeviceBinding, is_torch_cuda, ort_datatype
 from moesaic.runtime.ort_providers import (
     CPU,
     GPU_PROVIDERS,
@@ -44,35 +44,11 @@ from moesaic.runtime.ort_providers import (
 )
 from moesaic.runtime.tensors import check_inputs
 
-__all__ = ["DEFAULT_PROVIDERS", "OnnxRuntimeConfig", "OnnxRuntimeEngine", "ort_datatype"]
+__all__ = ["DEFAULT_PROVIDERS", "OnnxRuntimeConfig", "OnnxRuntimeEngine"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-
-_ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
-
-
-def ort_datatype(ort_type: str) -> str:
-    """KServe datatype of an ONNX Runtime type string such as ``tensor(float)``."""
-    try:
-        return _ORT_TYPES[ort_type]
-    except KeyError:
-        raise EngineError(f"ONNX type {ort_type} has no KServe datatype") from None
 
 
 class OnnxRuntimeConfig(EngineConfig):

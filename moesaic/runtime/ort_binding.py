@@ -23,11 +23,38 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_SIGNATURES", "DeviceBinding", "is_torch_cuda"]
+from moesaic.runtime.engine import EngineError, dtype_of
+
+__all__ = ["MAX_SIGNATURES", "DeviceBinding", "is_torch_cuda", "ort_datatype"]
 
 MAX_SIGNATURES = 8
 
 Signature = tuple[tuple[str, tuple[int, ...], str, bool], ...]
+
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+
+def ort_datatype(ort_type: str) -> str:
+    """KServe datatype of an ONNX Runtime type string such as ``tensor(float)``."""
+    try:
+        return _ORT_TYPES[ort_type]
+    except KeyError:
+        raise EngineError(f"ONNX type {ort_type} has no KServe datatype") from None
 
 
 def is_torch_cuda(value: Any) -> bool:
@@ -132,9 +159,6 @@ class DeviceBinding:
             for name in self._output_names:
                 binding.bind_output(name, "cuda", self._device_id)
         else:  # fixed outputs, bound before the first run: the graph captured then writes there
-            from moesaic.runtime.engine import dtype_of
-            from moesaic.runtime.onnxruntime_engine import ort_datatype
-
             for name, shape in zip(self._output_names, shapes, strict=True):
                 dtype = dtype_of(ort_datatype(self._output_meta[name][1]))
                 buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", self._device_id)
