@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
 from moesaic.config import read_yaml_mapping
-from moesaic.nodes.batching import DynamicBatchingConfig
 from moesaic.nodes.config import format_validation_error
 from moesaic.nodes.served import FallbackRefused, ServedModel
-from moesaic.nodes.versions import VersionPolicy, find_versions
+from moesaic.nodes.spec import ModelSpec
+from moesaic.nodes.versions import find_versions
 from moesaic.runtime.engine import EngineConfig, parse_engine_config
 
 __all__ = [
@@ -54,65 +54,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.yaml"
 ONNX_FILE = "model.onnx"
-
-
-class ModelSpec(BaseModel):
-    """The contents of one ``model.yaml``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(description="Model name clients use; default: the folder name.")
-    task: str = Field(
-        "", description="bev_segmentation, bev_reconstruction, detection, vlm, or anything else."
-    )
-    description: str = Field("", description="Free text shown in Node/Describe.")
-    engine: dict[str, Any] = Field(
-        default_factory=lambda: {"type": "onnxruntime"}, description="Engine config."
-    )
-    processor: dict[str, Any] | None = Field(
-        None, description="Pre/post-processing: {type: NAME, ...options}."
-    )
-    max_batch_size: int = Field(0, ge=0, description="Largest first dimension accepted; 0 = no limit.")
-    instances: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Requests of this model that run at once (like Triton's instance count); the "
-        "rest wait in the model's earliest-deadline-first queue.",
-    )
-    dynamic_batching: DynamicBatchingConfig | None = Field(
-        None,
-        description="Merge requests arriving within a short delay into one engine call (along "
-        "dimension 0); the engine must batch along its first dimension.",
-    )
-    class_names: list[str] = Field(default_factory=list, description="Class names, index = class id.")
-    version_policy: VersionPolicy = Field(
-        default_factory=lambda: VersionPolicy.model_validate({}),
-        description="Which numbered version folders are served: {latest: N} (default 1), "
-        "{specific: [..]} or {all: true}.",
-    )
-    synthetic: bool = Field(
-        False,
-        description="Trained on generated (synthetic) data only: expect poor accuracy on real "
-        "sensor data. Reported in Node/Describe, ModelConfig and by `moesaic detect`.",
-    )
-    input_format: str = Field(
-        "", description="What the model takes, in words; default: from the processor or the tensors."
-    )
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not value or "/" in value or value.strip() != value:
-            raise ValueError(f"model name must be non-empty without '/' or surrounding spaces, got {value!r}")
-        return value
-
-    @field_validator("processor")
-    @classmethod
-    def _processor(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and not isinstance(value.get("type"), str):
-            raise ValueError("processor needs a 'type' naming a registered processor")
-        return value
 
 
 VERSION_ONLY_FORBIDDEN = ("name", "version_policy")

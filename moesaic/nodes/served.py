@@ -25,7 +25,7 @@ from moesaic.runtime.processing import Processor, create_processor
 from moesaic.runtime.profiler import ProfileRecord, load_profile_file
 
 if TYPE_CHECKING:
-    from moesaic.nodes.repository import ModelSpec
+    from moesaic.nodes.spec import ModelSpec
 
 __all__ = ["FallbackRefused", "ServedModel"]
 
