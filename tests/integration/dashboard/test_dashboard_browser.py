@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.mqtt, pytest.mark.timeout(240)]
 
 LAPTOP = {"width": 1366, "height": 900}
 TABLET = {"width": 768, "height": 1024}
-SCREENSHOTS = os.environ.get("MOESAIC_DASHBOARD_SCREENSHOTS")
+SCREENSHOTS = os.environ.get("MOESAIC_TEST_SCREENSHOTS")  # MOESAIC_DASHBOARD_* are settings
 """Where to keep the screenshots (for the README); unset: the test's temporary folder."""
 
 
