@@ -6,11 +6,15 @@ samples the source on a thread of its own every ``interval_s``, learns the devic
 draw, and splits each interval's **dynamic** energy (the source's delta minus idle power x
 time) among the work that ran in it, in proportion to each piece's busy time there. So
 
-    Σ attributed energy + idle x time = the source's delta   (counters that step coarsely,
-                                                              like NVML's, telescope)
+    Σ attributed energy + idle x time + foreign = the source's delta   (counters that step
+                                                                   coarsely, like NVML's, telescope)
 
 and a request costs the same whether it ran alone or beside others: overlapping work shares
-one interval's joules instead of each piece counting them all. Nothing on the request path
+one interval's joules instead of each piece counting them all. Other processes on the same
+device (a second node on one GPU, a benchmark) are not this meter's to charge: where the
+source tells their share of the device's activity (NVML's per-process utilization), that share
+of each interval's dynamic energy is set aside as ``foreign`` and never attributed here, and an
+interval in which only they worked is not taken for idle. Nothing on the request path
 reads the source: work is registered with :meth:`CostMeter.begin` / :meth:`CostMeter.end`
 (a dict entry and a deque append), and a reply's figure comes from :meth:`CostMeter.energy_j`,
 the model's attributed joules per completed request over the last few seconds (a request's
@@ -60,6 +64,8 @@ class IntervalReport:
     device_joules: float
     idle_watts: float
     attributed: Mapping[str, float]
+    foreign_joules: float = 0.0
+    """Dynamic energy set aside for other processes on the device."""
 
 
 @dataclass
@@ -73,6 +79,7 @@ class CostSnapshot:
     unattributed_joules: float = 0.0
     attributed: dict[str, float] = field(default_factory=dict)
     busy_seconds: dict[str, float] = field(default_factory=dict)
+    foreign_joules: float = 0.0
 
     @property
     def attributed_joules(self) -> float:
@@ -121,7 +128,8 @@ class CostMeter:
         self._lowest_window: float | None = None
         self._quiet = (0.0, 0.0)  # joules, seconds of the current stretch without work
         self._window = (0.0, 0.0)  # joules, seconds of the current window (any load)
-        self._held: list[tuple[float, float, float]] = []  # intervals waiting for an idle figure
+        self._held: list[tuple[float, float, float, float]] = []  # intervals waiting for an idle figure
+        self._share = (0.0, -math.inf)  # other processes' last known share, when it was read
         self._was_busy = True
         self.totals = CostSnapshot(idle_watts=idle_watts or 0.0)
         self._last_time = clock()
@@ -208,6 +216,7 @@ class CostMeter:
                 t.unattributed_joules,
                 dict(t.attributed),
                 dict(t.busy_seconds),
+                t.foreign_joules,
             )
 
     # -------------------------------------------------------------- sampler thread
@@ -229,23 +238,35 @@ class CostMeter:
         start, self._last_time = self._last_time, now
         delta, self._last_joules = joules - self._last_joules, joules
         if now > start:
-            self._close(start, now, delta)
+            self._close(start, now, delta, self._foreign_share(now))
 
-    def _close(self, start: float, end: float, joules: float) -> None:
+    def _foreign_share(self, now: float) -> float:
+        """Other processes' share of the interval ending ``now``: the source's figure, else its
+        last one for up to a second (per-process samples come less often than intervals), else 0."""
+        try:
+            share = self.meter.foreign_share()
+        except Exception:  # a failing read: as if the source could not tell
+            share = None
+        if share is not None:
+            self._share = (min(max(share, 0.0), 1.0), now)
+        last, at = self._share
+        return last if now - at <= 1.0 else 0.0
+
+    def _close(self, start: float, end: float, joules: float, foreign: float = 0.0) -> None:
         with self._lock:
             busy = self._busy_in(start, end)
-        self._learn_idle(start, end, joules, busy)
-        self._held.append((start, end, joules))
+        self._learn_idle(start, end, joules, busy, foreign)
+        self._held.append((start, end, joules, foreign))
         idle = self.idle_watts
         if math.isnan(idle):
             return  # no idle figure yet: hold the intervals until there is one
         held, self._held = self._held, []
         completed = self._drain_completed()
-        for i, (a, b, j) in enumerate(held):
+        for i, (a, b, j, f) in enumerate(held):
             last = i == len(held) - 1
             with self._lock:
                 spans = busy if (a, b) == (start, end) else self._busy_in(a, b)
-                report = self._attribute(a, b, j, idle, spans, completed if last else {})
+                report = self._attribute(a, b, j, idle, spans, completed if last else {}, f)
                 self._forget_before(b)
             if self._on_interval is not None:
                 try:
@@ -274,7 +295,12 @@ class CostMeter:
         return completed
 
     def _learn_idle(
-        self, a: float, b: float, joules: float, busy: Mapping[str, list[tuple[float, float]]]
+        self,
+        a: float,
+        b: float,
+        joules: float,
+        busy: Mapping[str, list[tuple[float, float]]],
+        foreign: float = 0.0,
     ) -> None:
         seconds = b - a
         wj, ws = self._window[0] + joules, self._window[1] + seconds
@@ -283,8 +309,8 @@ class CostMeter:
             self._lowest_window = watts if self._lowest_window is None else min(self._lowest_window, watts)
             wj, ws = 0.0, 0.0
         self._window = (wj, ws)
-        if busy or self._was_busy:
-            self._was_busy = bool(busy)
+        if busy or self._was_busy or foreign > 0:  # other processes' work is no idle either
+            self._was_busy = bool(busy) or foreign > 0
             self._quiet = (0.0, 0.0)
             return
         qj, qs = self._quiet[0] + joules, self._quiet[1] + seconds
@@ -301,6 +327,7 @@ class CostMeter:
         idle: float,
         spans: Mapping[str, list[tuple[float, float]]],
         completed: Mapping[str, float],
+        foreign: float = 0.0,
     ) -> IntervalReport:
         seconds = b - a
         busy = {m: sum(e - s for s, e in parts) for m, parts in spans.items()}
@@ -309,7 +336,10 @@ class CostMeter:
             dynamic = self.estimate_watts * _union([p for parts in spans.values() for p in parts])
         else:
             dynamic = joules - idle * seconds
+        others = dynamic * foreign
+        dynamic -= others
         t = self.totals
+        t.foreign_joules += others
         t.seconds += seconds
         t.device_joules += joules
         t.idle_watts = idle
@@ -333,7 +363,7 @@ class CostMeter:
                 # blow up when the count has decayed over an idle gap while a new request's
                 # joules arrive before its completion does.
                 self._per_request[model] = j / n
-        return IntervalReport(seconds, joules, idle, attributed)
+        return IntervalReport(seconds, joules, idle, attributed, others)
 
     def _forget_before(self, t: float) -> None:
         """Drop finished spans that end before ``t`` (oldest first; appends go on meanwhile)."""

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -67,6 +68,11 @@ class EnergyMeter(ABC):
     @abstractmethod
     def joules(self) -> float:
         """Joules consumed since the meter opened."""
+
+    def foreign_share(self) -> float | None:
+        """Share of the device's activity since the last call caused by other processes (other
+        nodes, a benchmark on the same GPU): 0 to 1, or None where the source cannot tell."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - most meters hold nothing to release
         """Stop sampling and release the hardware handle. Idempotent."""
@@ -336,9 +342,33 @@ class NvmlEnergyMeter(EnergyMeter):
         self._handle = nvml.nvmlDeviceGetHandleByIndex(index)
         self._start_mj = int(nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
         self._closed = False
+        self._pid = os.getpid()
+        self._seen_us = 0  # newest per-process utilization sample read so far
+        self._seen_self = False
 
     def joules(self) -> float:
         return (int(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)) - self._start_mj) / 1000.0
+
+    def foreign_share(self) -> float | None:
+        """Other processes' share of the SM utilization NVML sampled per process since the last
+        call (``nvmlDeviceGetProcessUtilization``). None when nothing ran, when NVML keeps no
+        such samples, or while this process has not appeared in them (in another PID namespace
+        its own PID never does, and the share cannot be told)."""
+        try:
+            samples = self._nvml.nvmlDeviceGetProcessUtilization(self._handle, self._seen_us)
+        except Exception:  # NVML_ERROR_NOT_FOUND: no sample since the last call
+            return None
+        own = other = 0
+        for sample in samples:
+            self._seen_us = max(self._seen_us, int(sample.timeStamp))
+            if sample.pid == self._pid:
+                own += sample.smUtil
+                self._seen_self = self._seen_self or sample.smUtil > 0
+            else:
+                other += sample.smUtil
+        if not self._seen_self or own + other == 0:
+            return None
+        return other / (own + other)
 
     def close(self) -> None:
         if not self._closed:

@@ -180,3 +180,116 @@ def test_the_per_request_figure_survives_an_idle_gap_and_a_request_spanning_inte
     clock.t += 0.01
     meter.sample()
     assert 2.5 < meter.energy_j("m") < 6.5  # the completed request counted: about one request's joules
+
+
+class ProcessView(EnergyMeter):
+    """One process's view of a :class:`SteppingCounter` shared by several processes on one
+    device: the same counter, and (like NVML's per-process utilization) the share of the device's
+    busy time since the last call that the *other* processes caused."""
+
+    source = "nvml"
+    measured = True
+
+    def __init__(self, counter: SteppingCounter) -> None:
+        self.counter = counter
+        self.mine = 0.0
+        self.others = 0.0
+
+    def joules(self) -> float:
+        return self.counter.reported
+
+    def foreign_share(self) -> float | None:
+        total = self.mine + self.others
+        share = None if total == 0 else self.others / total
+        self.mine = self.others = 0.0
+        return share
+
+
+def _two_processes(
+    meters: tuple[CostMeter, CostMeter],
+    views: tuple[ProcessView, ProcessView],
+    counter: SteppingCounter,
+    running: tuple[bool, bool],
+    seconds: float,
+    job_s: float = 0.03,
+) -> list[int]:
+    """Each process in ``running`` runs one job at a time back to back; both meters sample
+    every 0.05 s. Returns the requests each process completed."""
+    done = [0, 0]
+    elapsed = tick = 0.0
+    while elapsed < seconds - 1e-9:
+        works = [meters[p].begin("m") if running[p] else None for p in (0, 1)]
+        counter.running = sum(running)
+        spent = 0.0
+        while spent < job_s - 1e-9:
+            counter.advance(0.01)
+            for p in (0, 1):
+                if running[p]:
+                    views[p].mine += 0.01
+                    views[1 - p].others += 0.01
+            spent += 0.01
+            tick += 0.01
+            if tick >= 0.05 - 1e-9:
+                for meter in meters:
+                    meter.sample()
+                tick = 0.0
+        counter.running = 0
+        for p in (0, 1):
+            work = works[p]
+            if work is not None:
+                meters[p].end(work)
+                done[p] += 1
+        elapsed += job_s
+    return done
+
+
+def test_other_processes_on_the_device_are_neither_charged_nor_taken_for_idle() -> None:
+    clock = Clock()
+    counter = SteppingCounter(clock, idle_w=60.0, job_w=100.0)
+    views = (ProcessView(counter), ProcessView(counter))
+    meters = tuple(
+        CostMeter(v, device="gpu0", interval_s=3600, clock=clock, idle_window_s=0.5) for v in views
+    )
+    a, b = meters
+    _two_processes(meters, views, counter, (False, False), 2.0)
+    assert a.idle_watts == pytest.approx(60.0, rel=0.05)
+
+    # B works alone: A charges nothing to its models and does not learn B's draw as idle.
+    before_a, before_b = a.snapshot(), b.snapshot()
+    _two_processes(meters, views, counter, (False, True), 5.0)
+    assert a.snapshot().attributed_joules - before_a.attributed_joules == pytest.approx(0.0, abs=1.0)
+    assert a.idle_watts == pytest.approx(60.0, rel=0.05)
+    dynamic_b = b.snapshot().attributed_joules - before_b.attributed_joules
+    assert dynamic_b == pytest.approx(100.0 * 5.0, rel=0.10)  # all of B's work is B's
+
+    # Both work at once: together they charge the device's dynamic energy once, not twice.
+    snaps = [m.snapshot() for m in meters]
+    done = _two_processes(meters, views, counter, (True, True), 6.0)
+    after = [m.snapshot() for m in meters]
+    device = after[0].device_joules - snaps[0].device_joules
+    dynamic = device - 60.0 * (after[0].seconds - snaps[0].seconds)
+    charged = [after[p].attributed_joules - snaps[p].attributed_joules for p in (0, 1)]
+    assert sum(charged) == pytest.approx(dynamic, rel=0.10)
+    for p in (0, 1):
+        assert charged[p] / done[p] == pytest.approx(3.0, rel=0.15)  # 100 W x 30 ms a request
+        assert meters[p].energy_j("m") == pytest.approx(3.0, rel=0.15)
+
+
+def test_without_a_foreign_share_a_second_process_is_counted_twice() -> None:
+    """The failure the foreign share prevents, shown on the same rig with a source that cannot
+    tell processes apart: each meter charges the whole device's dynamic energy."""
+    clock = Clock()
+    counter = SteppingCounter(clock, idle_w=60.0, job_w=100.0)
+    views = (ProcessView(counter), ProcessView(counter))
+    for view in views:
+        view.foreign_share = lambda: None  # type: ignore[method-assign]
+    meters = tuple(
+        CostMeter(v, device="gpu0", interval_s=3600, clock=clock, idle_window_s=0.5) for v in views
+    )
+    _two_processes(meters, views, counter, (False, False), 2.0)
+    snaps = [m.snapshot() for m in meters]
+    _two_processes(meters, views, counter, (True, True), 6.0)
+    after = [m.snapshot() for m in meters]
+    dynamic = (after[0].device_joules - snaps[0].device_joules) - 60.0 * (after[0].seconds - snaps[0].seconds)
+    charged = sum(after[p].attributed_joules - snaps[p].attributed_joules for p in (0, 1))
+    assert charged == pytest.approx(2 * dynamic, rel=0.10)

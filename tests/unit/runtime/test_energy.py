@@ -5,12 +5,15 @@ The sysfs readers run against copies of fixture trees whose values the tests cha
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
+from moesaic.runtime import energy
 from moesaic.runtime.devices import DeviceInfo
 from moesaic.runtime.energy import (
     EstimateMeter,
@@ -216,3 +219,53 @@ def test_nvml_counter_rises_under_load() -> None:
         torch.cuda.synchronize()
         joules = meter.joules()
     assert joules > 5.0  # a busy datacenter GPU draws well over 5 W for a second
+
+
+class FakeNvml:
+    """The few NVML calls the meter makes, answering like a GPU shared by two processes
+    (hardware this machine lacks; the meter's code is the real one)."""
+
+    class NotFound(Exception):
+        pass
+
+    def __init__(self, samples: list[list[tuple[int, int, int]]]) -> None:
+        self.batches = samples  # per call: (pid, timestamp us, smUtil)
+        self.asked_since: list[int] = []
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> object:
+        return object()
+
+    def nvmlDeviceGetTotalEnergyConsumption(self, handle: object) -> int:
+        return 1000
+
+    def nvmlDeviceGetProcessUtilization(self, handle: object, since_us: int) -> list[object]:
+        self.asked_since.append(since_us)
+        batch = self.batches.pop(0)
+        if not batch:
+            raise self.NotFound("no samples")
+        return [SimpleNamespace(pid=p, timeStamp=t, smUtil=u) for p, t, u in batch]
+
+
+def test_nvml_foreign_share_is_the_other_processes_sm_utilization(monkeypatch: pytest.MonkeyPatch) -> None:
+    me, other = os.getpid(), os.getpid() + 1
+    fake = FakeNvml(
+        [
+            [(other, 10, 80)],  # this process not seen yet (another PID namespace?): cannot tell
+            [(me, 20, 30), (other, 20, 90)],
+            [],  # no sample since the last call
+            [(me, 30, 40), (other, 30, 0)],
+        ]
+    )
+    monkeypatch.setattr(energy, "_nvml", lambda: fake)
+    meter = energy.NvmlEnergyMeter(0)
+    assert meter.foreign_share() is None
+    assert meter.foreign_share() == pytest.approx(0.75)
+    assert meter.foreign_share() is None
+    assert meter.foreign_share() == 0.0
+    assert fake.asked_since == [0, 10, 20, 20]  # each call asks only for newer samples
