@@ -17,6 +17,7 @@ passes gradient to the network (the reference's edge term was computed on detach
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -42,7 +43,10 @@ __all__ = [
     "edge_loss",
     "evaluate",
     "export_onnx",
+    "export_torch",
     "find_sequences",
+    "load_samples",
+    "one_cycle_lr",
     "rec_loss",
     "seg_loss",
     "sobel_magnitude",
@@ -86,21 +90,26 @@ class BevSamples:
                 dense.append(seq.dense(i, encoding.grid))
                 index.append((start, start + i))
         self.frames = np.stack(frames)
-        self.seg = np.stack(seg).astype(np.int64)
+        self.seg = np.stack(seg).astype(np.uint8)  # int64 per batch: 8x less memory
         self.dense = np.stack(dense)[:, None]
         self.index = index
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def stack(self, i: int) -> np.ndarray:
-        """``(T*C, H, W)``: frames i-T+1 .. i of i's sequence, zeros before its start."""
+    def stack(self, i: int, window: tuple[slice, slice] | None = None) -> np.ndarray:
+        """``(T*C, H, W)``: frames i-T+1 .. i of i's sequence, zeros before its start.
+
+        ``window`` (rows, columns) cuts the grid first, so a training crop never copies whole grids.
+        """
         start, cur = self.index[i]
         t = self.encoding.frames
-        out = np.zeros((t, *self.frames.shape[1:]), np.float32)
+        rows, cols = window or (slice(None), slice(None))
         first = max(start, cur - t + 1)
-        out[t - (cur - first + 1) :] = self.frames[first : cur + 1]
-        return out.reshape(-1, *self.frames.shape[2:])
+        frames = self.frames[first : cur + 1, :, rows, cols]
+        out = np.zeros((t, *frames.shape[1:]), np.float32)
+        out[t - len(frames) :] = frames
+        return out.reshape(-1, *frames.shape[2:])
 
     def batch(
         self, ids: Sequence[int], rng: np.random.Generator | None = None, crop: int = 0
@@ -110,19 +119,24 @@ class BevSamples:
         With ``rng``: random flips and, when ``crop`` > 0, one random ``crop`` x ``crop`` window
         (the network is fully convolutional, so it still runs on the whole grid afterwards).
         """
-        x = np.stack([self.stack(i) for i in ids])
-        s = self.seg[list(ids)]
-        d = self.dense[list(ids)]
+        window = (slice(None), slice(None))
         if rng is not None and crop:
-            h, w = x.shape[-2:]
+            h, w = self.frames.shape[-2:]
             r0 = int(rng.integers(0, max(1, h - crop + 1)))
             c0 = int(rng.integers(0, max(1, w - crop + 1)))
-            x, s, d = (a[..., r0 : r0 + crop, c0 : c0 + crop] for a in (x, s, d))
+            window = (slice(r0, r0 + crop), slice(c0, c0 + crop))
+        x = np.stack([self.stack(i, window) for i in ids])
+        s = self.seg[list(ids)][:, window[0], window[1]].astype(np.int64)
+        d = self.dense[list(ids)][..., window[0], window[1]]
         if rng is not None:
             for axis in (-2, -1):
                 if rng.random() < 0.5:
                     x, s, d = np.flip(x, axis), np.flip(s, axis), np.flip(d, axis)
-        return (torch.from_numpy(x.copy()), torch.from_numpy(s.copy()), torch.from_numpy(d.copy()))
+        return (
+            torch.from_numpy(np.ascontiguousarray(x)),
+            torch.from_numpy(np.ascontiguousarray(s)),
+            torch.from_numpy(np.ascontiguousarray(d)),
+        )
 
 
 _SOBEL = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
@@ -181,9 +195,35 @@ def rec_loss(
     return total, {"bce": bce.item(), "dice": dice.item(), "edge": edge.item()}
 
 
+class _Baseline(nn.Module):
+    """The constant answer a network must beat: all ``empty`` (seg) or an all-zero map (rec)."""
+
+    def __init__(self, task: Task) -> None:
+        super().__init__()
+        self.task = task
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        if self.task == "rec":
+            return torch.full((b, 1, h, w), -20.0, device=x.device)  # sigmoid ~ 0
+        out = torch.zeros((b, len(CLASS_NAMES), h, w), device=x.device)
+        out[:, 0] = 1.0  # class 0, empty
+        return out
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, task: Task, samples: BevSamples, *, batch: int = 4) -> dict[str, float]:
-    """Held-out metrics: ``miou`` (+ per-class IoU) for seg; ``mae``, ``iou``, ``f1`` for rec."""
+def evaluate(
+    model: nn.Module | None, task: Task, samples: BevSamples, *, batch: int = 4, device: str | None = None
+) -> dict[str, float]:
+    """Held-out metrics: ``miou`` (+ per-class IoU) for seg; ``mae``, ``iou``, ``f1`` for rec.
+
+    ``model=None`` scores the baseline (all ``empty`` / all zeros). Runs on ``device`` (default:
+    where the model's parameters are), whole grids, ``batch`` frames at a time.
+    """
+    if model is None:
+        model = _Baseline(task)
+    params = list(model.parameters())
+    dev = torch.device(device) if device else (params[0].device if params else torch.device("cpu"))
     model.eval()
     classes = len(CLASS_NAMES)
     inter = np.zeros(classes)
@@ -192,15 +232,15 @@ def evaluate(model: nn.Module, task: Task, samples: BevSamples, *, batch: int = 
     cells = 0
     for lo in range(0, len(samples), batch):
         x, s, d = samples.batch(range(lo, min(lo + batch, len(samples))))
-        out = model(x)
+        out = model(x.to(dev)).float()
         if task == "seg":
-            pred = out.argmax(1).numpy()
+            pred = out.argmax(1).cpu().numpy()
             truth = s.numpy()
             for c in range(classes):
                 inter[c] += np.sum((pred == c) & (truth == c))
                 union[c] += np.sum((pred == c) | (truth == c))
         else:
-            prob = torch.sigmoid(out).numpy()
+            prob = torch.sigmoid(out).cpu().numpy()
             truth = d.numpy()
             abs_err += float(np.abs(prob - truth).sum())
             cells += truth.size
@@ -221,6 +261,19 @@ def evaluate(model: nn.Module, task: Task, samples: BevSamples, *, batch: int = 
     }
 
 
+_PACE_STEPS = 20  # steps timed before the schedule is fitted into ``max_seconds``
+
+
+def one_cycle_lr(step: int, total: int, max_lr: float, *, warm: float = 0.15) -> float:
+    """One-cycle learning rate: cosine from max/25 up to max over ``warm``, then down to max/1e4."""
+    up = max(1, int(warm * total))
+    if step < up:
+        lo, hi, frac = max_lr / 25, max_lr, step / up
+    else:
+        lo, hi, frac = max_lr, max_lr / 1e4, (step - up) / max(1, total - up)
+    return hi + (lo - hi) * (1 + math.cos(math.pi * min(frac, 1.0))) / 2
+
+
 @dataclass
 class TrainConfig:
     """Options of ``moesaic train ppn``."""
@@ -238,6 +291,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
+    max_seconds: float = 0.0  # > 0: fewer steps when the first ones show ``steps`` would not fit
 
 
 @dataclass
@@ -249,6 +303,8 @@ class TrainResult:
     parameters: int
     train_frames: int
     val_frames: int
+    baseline: dict[str, float] = field(default_factory=dict)
+    steps_done: int = 0
 
 
 def _class_weights(seg: np.ndarray) -> torch.Tensor:
@@ -257,11 +313,8 @@ def _class_weights(seg: np.ndarray) -> torch.Tensor:
     return torch.tensor(weights / weights.mean(), dtype=torch.float32)
 
 
-def train(config: TrainConfig, progress: Callable[[int, int, float], None] | None = None) -> TrainResult:
-    """Train one expert and evaluate it on the held-out sequences."""
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+def load_samples(config: TrainConfig) -> tuple[BevSamples, BevSamples]:
+    """The training and held-out samples of ``config.data`` (the last ``val_sequences`` held out)."""
     folders = find_sequences(config.data)
     if len(folders) <= config.val_sequences:
         raise ValueError(
@@ -270,20 +323,43 @@ def train(config: TrainConfig, progress: Callable[[int, int, float], None] | Non
         )
     train_set = BevSamples(folders[: len(folders) - config.val_sequences], config.encoding)
     val_set = BevSamples(folders[len(folders) - config.val_sequences :], config.encoding)
+    return train_set, val_set
+
+
+def train(
+    config: TrainConfig,
+    progress: Callable[[int, int, float], None] | None = None,
+    *,
+    samples: tuple[BevSamples, BevSamples] | None = None,
+) -> TrainResult:
+    """Train one expert and evaluate it (and the baseline) on the held-out sequences.
+
+    ``samples``: the (training, held-out) sets from :func:`load_samples`, to encode them once
+    for both experts.
+    """
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    train_set, val_set = samples or load_samples(config)
     device = torch.device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop shapes: let cuDNN pick its kernels
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     model = build_network(config.task, config.size, config.encoding.in_channels, len(CLASS_NAMES)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=config.lr, total_steps=config.steps, pct_start=0.15
-    )
     weights = _class_weights(train_set.seg).to(device)
     rng = np.random.default_rng(config.seed)
     history: list[float] = []
+    total = config.steps
     start = time.perf_counter()
-    for step in range(config.steps):
+    step = 0
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = one_cycle_lr(step, total, config.lr)
         model.train()
         ids = rng.integers(0, len(train_set), config.batch).tolist()
-        x, s, d = (t.to(device) for t in train_set.batch(ids, rng, config.crop))
+        x, s, d = (t.to(device, non_blocking=True) for t in train_set.batch(ids, rng, config.crop))
         logits = model(x)
         if config.task == "seg":
             loss, _ = seg_loss(logits, s, class_weights=weights, edge_weight=config.edge_weight)
@@ -292,14 +368,35 @@ def train(config: TrainConfig, progress: Callable[[int, int, float], None] | Non
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
         history.append(loss.item())
+        step += 1
+        if config.max_seconds and step == _PACE_STEPS:
+            # Fit the schedule into max_seconds at the pace of the first steps (warm-up included,
+            # so the estimate errs short), rather than cutting a schedule off half-way.
+            per_step = (time.perf_counter() - start) / step
+            fits = step + int((config.max_seconds - (time.perf_counter() - start)) / per_step)
+            if fits < total:
+                log.warning(
+                    "%s: %d of %d steps fit in max_seconds=%s", config.task, fits, total, config.max_seconds
+                )
+                total = max(fits, step)
         if progress:
-            progress(step + 1, config.steps, float(loss))
+            progress(step, total, float(loss.detach()))
     seconds = time.perf_counter() - start
+    metrics = evaluate(model, config.task, val_set)  # on the training device: whole grids
+    baseline = evaluate(None, config.task, val_set)
     model.cpu()
-    metrics = evaluate(model, config.task, val_set)
-    return TrainResult(model, metrics, history, seconds, parameter_count(model), len(train_set), len(val_set))
+    return TrainResult(
+        model,
+        metrics,
+        history,
+        seconds,
+        parameter_count(model),
+        len(train_set),
+        len(val_set),
+        baseline,
+        len(history),
+    )
 
 
 class _Serving(nn.Module):
@@ -334,13 +431,50 @@ def export_onnx(model: nn.Module, task: Task, encoding: PpnEncoding, path: str |
         )
 
 
+def export_torch(model: nn.Module, task: Task, encoding: PpnEncoding, path: str | Path) -> None:
+    """``torch.export`` program (``.pt2``) for the torch engine, I/O as :func:`export_onnx`.
+
+    The I/O description is embedded as ``moesaic.json`` (what
+    :func:`moesaic.runtime.torch_engine.save_torch_model` writes, without importing the runtime),
+    so the engine captures a CUDA graph for the one static input shape.
+    """
+    wrapper = _Serving(model, task).eval()
+    h, w = encoding.shape
+    example = torch.zeros(1, encoding.in_channels, h, w)
+    output = "probs" if task == "seg" else "bev_out"
+    out_channels = len(CLASS_NAMES) if task == "seg" else 1
+    meta = {
+        "inputs": [{"name": "bev", "datatype": "FP32", "shape": [1, encoding.in_channels, h, w]}],
+        "outputs": [{"name": output, "datatype": "FP32", "shape": [1, out_channels, h, w]}],
+    }
+    with torch.no_grad():
+        program = torch.export.export(wrapper, (example,))
+    program._example_inputs = None  # else the 1 x T*C x H x W example is saved too (64 MB at 1024²)
+    torch.export.save(program, str(path), extra_files={"moesaic.json": json.dumps(meta)})
+
+
 def write_model_folder(
-    folder: str | Path, result: TrainResult, config: TrainConfig, *, command: str = ""
+    folder: str | Path,
+    result: TrainResult,
+    config: TrainConfig,
+    *,
+    command: str = "",
+    engine: Literal["onnxruntime", "torch"] = "onnxruntime",
 ) -> Path:
-    """``model.onnx`` + ``model.yaml`` (+ ``weights.pt``) for a node to serve."""
+    """A model folder a node serves: ``model.yaml`` + ``model.onnx`` or ``model.pt2`` (+ ``weights.pt``).
+
+    ``engine: torch`` writes a ``torch.export`` program for the PyTorch engine (CUDA graphs on);
+    no ``engine.device`` is written, so the node's ``--device`` decides where it runs.
+    """
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(result.model, config.task, config.encoding, out / "model.onnx")
+    engine_spec: dict[str, Any]
+    if engine == "torch":
+        export_torch(result.model, config.task, config.encoding, out / "model.pt2")
+        engine_spec = {"type": "torch", "cuda_graphs": True}
+    else:
+        export_onnx(result.model, config.task, config.encoding, out / "model.onnx")
+        engine_spec = {"type": "onnxruntime", **({"intra_op_threads": 1} if config.size == "small" else {})}
     torch.save(result.model.state_dict(), out / "weights.pt")
     spec: dict[str, Any] = {
         "name": out.name,
@@ -350,7 +484,7 @@ def write_model_folder(
             f"({config.size}, {result.parameters:,} parameters) on {config.encoding.mode} BEV, "
             f"T={config.encoding.frames}, {config.encoding.grid.resolution} m cells"
         ),
-        "engine": {"type": "onnxruntime", **({"intra_op_threads": 1} if config.size == "small" else {})},
+        "engine": engine_spec,
         "processor": {"type": "ppn_bev", "task": config.task, **config.encoding.to_options()},
     }
     if config.task == "seg":
@@ -358,8 +492,9 @@ def write_model_folder(
     (out / "model.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     report = {
         "metrics": {k: round(v, 4) for k, v in result.metrics.items() if not math.isnan(v)},
+        "baseline": {k: round(v, 4) for k, v in result.baseline.items() if not math.isnan(v)},
         "train_seconds": round(result.seconds, 1),
-        "steps": config.steps,
+        "steps": result.steps_done or config.steps,
         "train_frames": result.train_frames,
         "val_frames": result.val_frames,
         "final_loss": round(float(np.mean(result.history[-20:])), 4),
