@@ -22,7 +22,7 @@ import numpy as np
 
 from moesaic.nodes.server import NodeServer
 
-__all__ = ["ClientsRun", "EnergyRun", "measure_energy"]
+__all__ = ["ClientsRun", "EnergyRun", "measure_energy", "run_clients"]
 
 _CLIENTS = """
 import json, sys, threading, time
@@ -94,7 +94,7 @@ class EnergyRun:
         return out
 
 
-def _clients(address: str, model: str, array: np.ndarray, clients: int, seconds: float) -> ClientsRun:
+def run_clients(address: str, model: str, array: np.ndarray, clients: int, seconds: float) -> ClientsRun:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "input.npy"
         np.save(path, array)
@@ -127,8 +127,8 @@ def measure_energy(
     before = node.cost.snapshot()
     phases = []
     for n in clients:
-        _clients(node.address, model, array, n, warmup_s)  # the running figure settles
-        phases.append(_clients(node.address, model, array, n, seconds))
+        run_clients(node.address, model, array, n, warmup_s)  # the running figure settles
+        phases.append(run_clients(node.address, model, array, n, seconds))
     time.sleep(max(0.6, 5 * node.cost.interval_s))  # the last intervals close
     after = node.cost.snapshot()
     return EnergyRun(
