@@ -285,7 +285,7 @@ def _env_layer(
             continue
         path = tuple(key[len(prefix) :].lower().split(ENV_NESTED_DELIMITER))
         if path[0] not in target.model_fields:
-            raise ValueError(f"{key}: {section or role} has no setting {path[0]!r}")
+            raise ValueError(f"environment {key}: {section or role} has no setting {path[0]!r}")
         given[key] = value
         names[(*where, *path)] = f"environment {key}"
     for alias, field in aliases.items():
@@ -297,8 +297,9 @@ def _env_layer(
         return _Layer("environment", {})
     try:
         values = _Environment(target, prefix, given)()
-    except SettingsError as exc:
-        raise ValueError(f"environment ({prefix}*): {exc}") from None
+    except SettingsError as exc:  # a mapping or list that is not YAML
+        cause = f": {exc.__cause__}" if exc.__cause__ else ""
+        raise ValueError(f"environment ({prefix}*): {exc}{cause}") from None
     return _Layer(f"environment ({prefix}*)", _within(section, values), names)
 
 
@@ -355,15 +356,12 @@ def load_settings(
         raise ValueError(f"{name}: expected a mapping at the top level")
     if prepare_file is not None and file_data:
         file_data = prepare_file(file_data)
-    try:
-        layers = [
-            _Layer(name, file_data),
-            _credentials_layer(model, env, env_section),
-            _env_layer(model, role, env, env_section, env_aliases or {}),
-            _Layer("command line", _drop_none(overrides or {})),
-        ]
-    except ValueError as exc:
-        raise ValueError(f"{name}: {exc}") from None
+    layers = [
+        _Layer(name, file_data),
+        _credentials_layer(model, env, env_section),
+        _env_layer(model, role, env, env_section, env_aliases or {}),
+        _Layer("command line", _drop_none(overrides or {})),
+    ]
     merged: dict[str, Any] = {}
     for layer in layers:
         merged = _merge(merged, layer.data)

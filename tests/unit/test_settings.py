@@ -147,7 +147,8 @@ def test_a_wrong_key_in_any_roles_yaml_names_the_file_and_field(
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"MOESAIC_NODE_LISTENN": "x"}, "MOESAIC_NODE_LISTENN: node has no setting 'listenn'"),
+        ({"MOESAIC_NODE_LISTENN": "x"}, "environment MOESAIC_NODE_LISTENN: node has no setting 'listenn'"),
+        ({"MOESAIC_NODE_TLS": "{cert: ["}, r'field "tls" .*: line 1 column \d+: expected the node content'),
         ({"MOESAIC_NODE_TLS__CERTT": "x"}, "environment MOESAIC_NODE_TLS__CERTT: tls.certt: Extra inputs"),
         (
             {"MOESAIC_NODE_MAX_WORKERS": "0"},
