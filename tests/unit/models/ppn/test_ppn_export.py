@@ -89,9 +89,9 @@ def test_exports_serve_alike_on_both_engines(data: Path, tmp_path: Path, task: s
     assert spec["processor"]["resolution"] == 0.8
     assert "baseline" in yaml.safe_load((torch_dir / "training.yaml").read_text())
     assert (torch_dir / "model.pt2").stat().st_size < 4 * (torch_dir / "weights.pt").stat().st_size
-    te = TorchEngine(TorchEngineConfig(device="cpu", warmup_runs=0), torch_dir)
+    te = TorchEngine(TorchEngineConfig.model_validate({"device": "cpu", "warmup_runs": 0}), torch_dir)
     te.load()
-    oe = OnnxRuntimeEngine(OnnxRuntimeConfig(), onnx_dir)
+    oe = OnnxRuntimeEngine(OnnxRuntimeConfig.model_validate({}), onnx_dir)
     oe.load()
     (spec_in,) = te.describe().inputs
     assert spec_in.shape == (1, ENC.in_channels, *ENC.shape)
