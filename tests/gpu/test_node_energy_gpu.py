@@ -80,6 +80,7 @@ def test_two_nodes_on_one_gpu_charge_its_dynamic_energy_once(tmp_path: Path) -> 
     write_torch_mlp_model(tmp_path / "models", "mlp", model_yaml="engine: {type: torch, device: cuda:0}\n")
     port, metrics_port = free_port(), free_port()
     array = np.ones((512, 256), np.float32)
+    (tmp_path / "logs").mkdir()
     with ProcessTree(tmp_path / "logs") as tree:
         process = tree.spawn(
             "node-b",
