@@ -38,6 +38,7 @@ from moesaic.runtime.engine import (
     datatype_of,
     register_engine,
 )
+from moesaic.runtime.ort_binding import is_torch_cuda
 from moesaic.runtime.tensors import TensorSpecModel, check_inputs, concrete_shape
 
 __all__ = ["TorchEngine", "TorchEngineConfig", "save_torch_model"]
@@ -212,7 +213,10 @@ class TorchEngine(Engine):
     def infer(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._ready:
             raise EngineError("torch engine: infer() before load() or after close()")
-        check_inputs(self._inputs, inputs)
+        if any(is_torch_cuda(v) for v in inputs.values()):
+            _check_device_inputs(self._inputs, inputs)  # e.g. a BEV grid the processor made on the GPU
+        else:
+            check_inputs(self._inputs, inputs)
         torch = _torch()
         with self._lock, torch.inference_mode():
             if not self._ready:
@@ -222,10 +226,7 @@ class TorchEngine(Engine):
                 if graph is not None and all(tuple(inputs[n].shape) == s for n, s in graph.shapes.items()):
                     outs = self._replay(torch, graph, inputs)
                 else:
-                    dev = {
-                        n: torch.from_numpy(np.ascontiguousarray(a)).to(self._device)
-                        for n, a in inputs.items()
-                    }
+                    dev = {n: _as_tensor(torch, a).to(self._device) for n, a in inputs.items()}
                     outs = [t.cpu().numpy() for t in self._forward(dev)]
             except (EngineError, ValueError):
                 raise
@@ -258,7 +259,11 @@ class TorchEngine(Engine):
 
     def _replay(self, torch: Any, graph: _Graph, inputs: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         for name, host in graph.host_in.items():
-            np.copyto(host.numpy(), inputs[name])
+            value = inputs[name]
+            if is_torch_cuda(value):
+                graph.dev_in[name].copy_(value, non_blocking=True)  # device to device
+                continue
+            np.copyto(host.numpy(), value)
             graph.dev_in[name].copy_(host, non_blocking=True)
         graph.graph.replay()
         # Fresh pinned buffers from torch's caching host allocator: the DMA runs at full speed
@@ -379,6 +384,25 @@ class TorchEngine(Engine):
             dev_out = self._forward(dev_in)
         host_in = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in dev_in.items()}
         return _Graph(graph, dev_in, dev_out, host_in)
+
+
+def _as_tensor(torch: Any, value: Any) -> Any:
+    """A torch tensor as is, a numpy array as a (CPU) tensor."""
+    return value if is_torch_cuda(value) else torch.from_numpy(np.ascontiguousarray(value))
+
+
+def _check_device_inputs(specs: Sequence[TensorSpec], inputs: Mapping[str, Any]) -> None:
+    """:func:`check_inputs` for torch CUDA tensors: names, datatypes and shapes."""
+    torch = _torch()
+    expected = {s.name: s for s in specs}
+    if set(inputs) != set(expected):
+        raise ValueError(f"inputs {sorted(inputs)}: the model takes {sorted(expected)}")
+    for name, value in inputs.items():
+        spec = expected[name]
+        if is_torch_cuda(value) and value.dtype != torch_dtype_of(torch, spec.datatype):
+            raise ValueError(f"input {name!r}: dtype {value.dtype}, expected {spec.datatype}")
+        if not spec.accepts_shape(tuple(value.shape)):
+            raise ValueError(f"input {name!r}: shape {list(value.shape)}, expected {list(spec.shape)}")
 
 
 def _program_inputs(program: Any) -> list[TensorSpec]:
