@@ -261,7 +261,7 @@ def evaluate(
     }
 
 
-_PACE_STEPS = 20  # steps timed before the schedule is fitted into ``max_seconds``
+_PACE_FROM, _PACE_STEPS = 10, 20  # steps timed (after the first 10) to fit the schedule into max_seconds
 
 
 def one_cycle_lr(step: int, total: int, max_lr: float, *, warm: float = 0.15) -> float:
@@ -354,6 +354,7 @@ def train(
     total = config.steps
     start = time.perf_counter()
     step = 0
+    paced = start
     while step < total:
         for group in opt.param_groups:
             group["lr"] = one_cycle_lr(step, total, config.lr)
@@ -370,11 +371,14 @@ def train(
         opt.step()
         history.append(loss.item())
         step += 1
-        if config.max_seconds and step == _PACE_STEPS:
-            # Fit the schedule into max_seconds at the pace of the first steps (warm-up included,
-            # so the estimate errs short), rather than cutting a schedule off half-way.
-            per_step = (time.perf_counter() - start) / step
-            fits = step + int((config.max_seconds - (time.perf_counter() - start)) / per_step)
+        if step == _PACE_FROM:
+            paced = time.perf_counter()
+        if config.max_seconds and step == _PACE_FROM + _PACE_STEPS:
+            # Fit the schedule into max_seconds at the pace of steps 10..30 (past the warm-up:
+            # cuDNN's autotuning, lazy CUDA init), rather than cutting a schedule off half-way.
+            now = time.perf_counter()
+            per_step = (now - paced) / _PACE_STEPS
+            fits = step + int((config.max_seconds - (now - start)) / per_step)
             if fits < total:
                 log.warning(
                     "%s: %d of %d steps fit in max_seconds=%s", config.task, fits, total, config.max_seconds
