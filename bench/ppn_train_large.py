@@ -81,6 +81,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="3 steps of the small networks (CPU smoke run)")
     args = parser.parse_args()
     encoding = PpnEncoding.from_options(LARGE_ENCODING)
+    tasks = args.tasks.split(",")
+    if set(tasks) - {"seg", "rec"}:
+        parser.error(f"--tasks: expected seg and/or rec, got {args.tasks!r}")
     if args.quick:
         args.steps, args.batch, args.crop, args.size = 3, 1, 64, "small"
     cuda = args.device.startswith("cuda")
@@ -97,7 +100,7 @@ def main() -> int:
     results["data_seconds"] = round(time.perf_counter() - t0, 1)
     print(f"data: {len(samples[0])} training + {len(samples[1])} held-out frames, "
           f"encoded in {results['data_seconds']} s", flush=True)  # fmt: skip
-    for task in args.tasks.split(","):
+    for task in tasks:
         config = TrainConfig(
             data=Path(args.data),
             task=task,
@@ -140,15 +143,23 @@ def main() -> int:
               f"(baseline {result.baseline[key]:.4f}); {json.dumps(result.metrics)}", flush=True)  # fmt: skip
         if args.export:
             t1 = time.perf_counter()
+            exported: dict[str, str] = {}
             for engine in ENGINES:
                 folder = Path(args.export) / FOLDERS[engine] / f"ppn-{task}-{args.size}"
-                write_model_folder(folder, result, config, command=" ".join(sys.argv), engine=engine)  # type: ignore[arg-type]
+                try:  # one exporter failing must not lose the other, nor the trained metrics
+                    write_model_folder(folder, result, config, command=" ".join(sys.argv), engine=engine)  # type: ignore[arg-type]
+                except Exception as exc:  # recorded in the JSON
+                    exported[engine] = f"failed: {type(exc).__name__}: {exc}"
+                    print(f"{engine} export of {task} failed: {exc!r}", flush=True)
+                    continue
+                exported[engine] = str(folder)
                 print(f"wrote {folder}", flush=True)
+            entry["exported"] = exported
             entry["export_seconds"] = round(time.perf_counter() - t1, 1)
         entry["total_seconds"] = round(time.perf_counter() - t0, 1)
         results[task] = entry
-    if args.out:
-        write_results("ppn_train_large", results, out=Path(args.out))
+        if args.out:  # after each expert: a run cut short keeps what it finished
+            write_results("ppn_train_large", results, out=Path(args.out))
     return 0
 
 
