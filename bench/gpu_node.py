@@ -13,8 +13,9 @@ For ``yolo-n`` (a 1242 x 375 KITTI camera frame, ``kitti_000008.png``) and ``ppn
     the bare session and the same post-processing (vectorised NMS) in this one process;
 (c) ``node compute``: ``compute_ms`` of the node's replies (pre + engine + post inside the node);
 (d) ``round trip``: the real client (:class:`~moesaic.nodes.client.NodeClient`) around the call;
-(e) energy per inference: the node's cost meter (``energy_mj`` of the replies: attributed
-    dynamic energy) vs the device counter (NVML on a GPU) over the same loop, idle subtracted.
+(e) energy per inference: the node's cost meter (``energy_mj`` of the replies, a running
+    figure; and the node's ``moesaic_model_energy_joules_total`` over exactly the loop) vs the
+    device counter (NVML on a GPU) over the same loop, idle subtracted.
 
 On a GPU each model folder runs in three variants of its ``engine:`` section, one node each:
 ``plain`` (``io_binding: false``), ``binding`` (device buffers bound once) and ``graph``
@@ -243,8 +244,25 @@ def variant_calls(
     return opened
 
 
+def attributed_j(metrics_port: int, model: str) -> float:
+    """The node's attributed joules of ``model`` so far (its Prometheus counter)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "moesaic_model_energy_joules_total" and s.labels.get("model") == model
+    )
+
+
 async def through_node(
     address: str,
+    metrics_port: int,
     scan: np.ndarray,
     image: np.ndarray,
     baselines: dict[str, Baseline],
@@ -276,12 +294,15 @@ async def through_node(
                     rtt.append((time.perf_counter() - s) * 1e3)
                     compute.append(result.compute_ms)
             energy: list[float] = []
-            count, e0, t0 = 0, nvml.mj(), time.monotonic()
+            await asyncio.sleep(0.5)  # the meter closes the intervals of the phase before
+            a0, count, e0, t0 = attributed_j(metrics_port, name), 0, nvml.mj(), time.monotonic()
             while count < n or time.monotonic() - t0 < seconds:
                 result = await node.infer(name, inputs, parameters=params, timeout=30)
                 energy.append(result.energy_mj)
                 count += 1
             elapsed, de = time.monotonic() - t0, nvml.mj() - e0
+            await asyncio.sleep(0.5)  # and those of the loop (idle after it adds ~0)
+            attributed = attributed_j(metrics_port, name) - a0
             out[name] = {
                 "device": providers[name][0],
                 "provider": providers[name][1],
@@ -292,6 +313,7 @@ async def through_node(
                 "energy_source": result.energy_source,
                 "energy_requests": count,
                 "energy_seconds": elapsed,
+                "node_attributed_mj_per_inference": attributed * 1e3 / count,
                 "nvml_total_mj_per_inference": de / count,
                 "nvml_dynamic_mj_per_inference": (de - idle_w * elapsed * 1e3) / count,
                 "outputs": {k: np.asarray(v) for k, v in result.outputs.items()},
@@ -312,16 +334,18 @@ def summarise(rows: list[dict[str, Any]], device: str) -> list[str]:
     lines = [
         f"device {device}; p50 in ms (p99 in brackets); ratios of p50s",
         "| model | variant | pre (in-process) | (a) bare session | (b) in-process pipeline "
-        "| (c) node compute | (d) round trip | c/a | d/b | node mJ/inf | NVML mJ/inf (dyn) | same output "
+        "| (c) node compute | (d) round trip | c/a | d/b | node mJ/inf (replies) "
+        "| node mJ/inf (attributed over the loop) | NVML mJ/inf (dyn) | same output "
         "| engine alone | node's pre alone |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['pre_p50']:.3f} | {r['bare_p50']:.3f} | "
             f"{r['pipeline_p50']:.3f} | {r['compute_p50']:.3f} ({r['compute_p99']:.2f}) | "
             f"{r['rtt_p50']:.3f} ({r['rtt_p99']:.2f}) | {r['compute_p50'] / r['bare_p50']:.2f}x | "
-            f"{r['rtt_p50'] / r['pipeline_p50']:.2f}x | {r['node_mj']:.2f} | {r['nvml_dyn_mj']:.2f} | "
+            f"{r['rtt_p50'] / r['pipeline_p50']:.2f}x | {r['node_mj']:.2f} | {r['node_attributed_mj']:.2f} | "
+            f"{r['nvml_dyn_mj']:.2f} | "
             f"{r['same']} | {r['engine_p50']:.3f} | {r['node_pre_p50']:.3f} |"
         )
     return lines
@@ -353,12 +377,13 @@ def main() -> int:
     try:
         for variant, engine in variants.items():
             repo = write_variant(args.models, tmp / variant, engine)
-            port = free_port()
+            port, metrics_port = free_port(), free_port()
             with ProcessTree(tmp / "logs") as tree:
                 node = tree.spawn(
                     f"node-{variant}",
                     ["moesaic", "--log-level", "INFO", "node", "--models", str(repo), "--device", args.device,
-                     "--listen", f"127.0.0.1:{port}", "--node-id", f"bench-{variant}"],
+                     "--listen", f"127.0.0.1:{port}", "--node-id", f"bench-{variant}",
+                     "--metrics-port", str(metrics_port)],
                 )  # fmt: skip
                 try:
                     wait_grpc_ready(f"127.0.0.1:{port}", timeout=300, process=node)
@@ -368,7 +393,15 @@ def main() -> int:
                 engines = variant_calls(args.models, baselines, engine, args.device)
                 measured = asyncio.run(
                     through_node(
-                        f"127.0.0.1:{port}", scan, image, baselines, args.requests, args.seconds, nvml, idle_w
+                        f"127.0.0.1:{port}",
+                        metrics_port,
+                        scan,
+                        image,
+                        baselines,
+                        args.requests,
+                        args.seconds,
+                        nvml,
+                        idle_w,
                     )
                 )
                 log_tail = tree.tail(tree.children[-1], 30)
@@ -396,6 +429,7 @@ def main() -> int:
                         "rtt_p50": pct(m["rtt_ms"], 50),
                         "rtt_p99": pct(m["rtt_ms"], 99),
                         "node_mj": statistics.fmean(m["node_energy_mj"]),
+                        "node_attributed_mj": m["node_attributed_mj_per_inference"],
                         "nvml_dyn_mj": m["nvml_dynamic_mj_per_inference"],
                         "nvml_total_mj": m["nvml_total_mj_per_inference"],
                         "energy_source": m["energy_source"],
