@@ -73,21 +73,22 @@ class Imported:
 
 def read_onnx_facts(path: Path) -> OnnxFacts:
     """Task, class names and input size from an ONNX file's metadata (ultralytics writes them);
-    ``ValueError`` naming the file when it is not a valid ONNX model."""
+    ``ValueError`` naming the file when it is not a model ONNX Runtime can load. Read with ONNX
+    Runtime (the node's own runtime), so importing needs no ``onnx`` package."""
     try:
-        import onnx
+        import onnxruntime as ort
     except ImportError:
-        raise MissingExtraError("onnx", "vision") from None
+        raise MissingExtraError("onnxruntime", "cpu") from None
 
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the error below says what was wrong, once
     try:
-        model = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(model)
-    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError ...
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises InvalidProtobuf, Fail, NoSuchFile ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"{path}: not a valid ONNX model ({first})") from None
-    meta = {p.key: p.value for p in model.metadata_props}
-    initializers = {i.name for i in model.graph.initializer}
-    facts = OnnxFacts(inputs=[i.name for i in model.graph.input if i.name not in initializers])
+    meta = {str(k): str(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    facts = OnnxFacts(inputs=[i.name for i in session.get_inputs()])
     if meta.get("author", "").lower() == "ultralytics" and "names" in meta:
         facts.ultralytics = True
         facts.task = _ULTRALYTICS_TASKS.get(meta.get("task", ""), meta.get("task", ""))

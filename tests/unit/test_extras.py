@@ -132,15 +132,15 @@ MISSING = [
         id="slicing",
     ),
     pytest.param(
-        ["onnx"],
+        ["onnxruntime"],
         """
         from pathlib import Path
         from moesaic.nodes.importing import read_onnx_facts
 
         read_onnx_facts(Path("model.onnx"))
         """,
-        "onnx",
-        "vision",
+        "onnxruntime",
+        "cpu",
         id="import-model",
     ),
     pytest.param(
