@@ -31,6 +31,7 @@ from moesaic.runtime.engine import DATATYPES, datatype_of
 __all__ = [
     "RAW_INPUT_FIELD",
     "RAW_OUTPUT_FIELD",
+    "ReplyWriter",
     "decode_request",
     "decode_response",
     "decode_tensor",
@@ -39,6 +40,7 @@ __all__ = [
     "encode_response",
     "encode_varint",
     "from_parameters",
+    "raw_spans",
     "serialize_bytes_tensor",
     "set_parameters",
     "split_message",
@@ -145,6 +147,25 @@ def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]
     return header, raws
 
 
+def raw_spans(data: Buffer, raw_field: int) -> list[tuple[int, int]]:
+    """(start, end) byte offsets of the payloads of ``raw_field`` in well-formed message bytes."""
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    n, pos, spans = len(view), 0, []
+    while pos < n:
+        tag, pos = _varint(view, pos)
+        wire = tag & 7
+        if wire == 2:
+            length, pos = _varint(view, pos)
+            if tag >> 3 == raw_field:
+                spans.append((pos, pos + length))
+            pos += length
+        elif wire == 0:
+            _, pos = _varint(view, pos)
+        else:
+            pos += 8 if wire == 1 else 4
+    return spans
+
+
 def _raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
     tag = _RAW_TAGS.get(raw_field) or encode_varint((raw_field << 3) | 2)
     parts: list[Buffer] = []
@@ -161,6 +182,7 @@ _CACHE_LIMIT = 1024
 _INT64_LIMIT = 1 << 63
 _STRING_FIELDS: dict[tuple[bytes, str], bytes] = {}
 _OUTPUT_FIELDS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
+_REPLY_OUTPUTS: dict[tuple[str, np.dtype[Any], tuple[int, ...]], bytes] = {}  # + raw tag, length
 _DOUBLE_PREFIX: dict[str, bytes] = {}  # parameter entry up to its 8 value bytes, by key
 _PARAMETER_FIELDS: dict[tuple[str, type, Any], bytes] = {}  # whole bool / str entries
 _DATATYPE_OF: dict[np.dtype[Any], str] = {np.dtype(t): name for name, t in DATATYPES.items()}
@@ -456,6 +478,93 @@ def encode_response(
         buffers.append(_tensor_bytes(array))
     parts += _raw_fields(RAW_OUTPUT_FIELD, buffers)
     return b"".join(parts)
+
+
+def _double_prefix(key: str) -> bytes:
+    """A double parameter's map entry up to its 8 value bytes."""
+    prefix = _DOUBLE_PREFIX.get(key)
+    if prefix is None:
+        entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
+        prefix = _remember(_DOUBLE_PREFIX, key, b"\x22" + encode_varint(len(entry) + 8) + entry)
+    return prefix
+
+
+class ReplyWriter:
+    """Writes the replies of one model version whose parameters are the same keys every time:
+    ``doubles`` (numbers that change from reply to reply), ``counts`` (small integers) and
+    ``fixed`` (values written once). One ``struct`` pack writes the head (names and every
+    double with its key) and each output's header is cached by name, datatype and shape, so
+    a reply is a pack, a lookup per output and one join. Protobuf parses it to the same
+    message as :func:`encode_response` writes.
+
+    >>> writer = ReplyWriter("toy", "1", doubles=("compute_ms",), fixed={"energy_source": "estimate"})
+    >>> data = writer.encode((1.5,), (), {"y": np.zeros(2, np.float32)})
+    >>> decode_response(data)[0].parameters["compute_ms"].double_param
+    1.5
+    """
+
+    __slots__ = ("_args", "_counts", "_model", "_model_version", "_pack")
+
+    def __init__(
+        self,
+        model: str,
+        model_version: str,
+        *,
+        doubles: Sequence[str],
+        counts: Sequence[str] = (),
+        fixed: Mapping[str, Any] | None = None,
+    ) -> None:
+        head = _string_field(b"\x0a", model) if model else b""
+        head += _string_field(b"\x12", model_version) if model_version else b""
+        head += b"".join(_parameter_field(b"\x22", k, v) for k, v in (fixed or {}).items())
+        consts = [_double_prefix(key) for key in doubles]
+        if consts:
+            consts[0] = head + consts[0]
+            self._pack = struct.Struct("<" + "".join(f"{len(c)}sd" for c in consts)).pack
+        else:
+            self._pack = struct.Struct(f"<{len(head)}s").pack
+            consts = [head]
+        self._args: list[Any] = [x for c in consts for x in (c, 0.0)][: max(len(doubles) * 2, 1)]
+        self._counts = tuple(counts)
+        self._model, self._model_version = model, model_version
+
+    def encode(
+        self,
+        doubles: Sequence[float],
+        counts: Sequence[int],
+        outputs: Mapping[str, np.ndarray],
+    ) -> bytes:
+        """One reply: ``doubles`` and ``counts`` in the order the writer was given their keys."""
+        args = self._args.copy()
+        args[1::2] = doubles
+        parts: list[Any] = [self._pack(*args)]
+        for key, value in zip(self._counts, counts, strict=True):
+            field = _PARAMETER_FIELDS.get((key, int, value))
+            parts.append(field if field is not None else _parameter_field(b"\x22", key, value))
+        for name, array in outputs.items():
+            # each output's header, then its raw field (tag, length, the array's own bytes)
+            field = _REPLY_OUTPUTS.get((name, array.dtype, array.shape))
+            if field is None or not array.flags.c_contiguous:
+                return self._slow(parts, outputs)
+            parts += (field, array)
+        return b"".join(parts)
+
+    def _slow(self, parts: list[Any], outputs: Mapping[str, np.ndarray]) -> bytes:
+        """Outputs not seen before (their headers are cached from now on) or not contiguous."""
+        del parts[1 + len(self._counts) :]
+        buffers = []
+        for name, array in outputs.items():
+            datatype = _DATATYPE_OF.get(array.dtype) or datatype_of(array.dtype)
+            header = _output_field(name, datatype, array.shape)
+            parts.append(header)
+            buffers.append(_tensor_bytes(array))
+            if datatype != "BYTES" and array.dtype in _DATATYPE_OF and array.dtype.byteorder != ">":
+                # the output's header, then its raw field's tag and length: the same for
+                # every array of this name, dtype and shape
+                raw_head = _RAW_TAGS[RAW_OUTPUT_FIELD] + encode_varint(array.nbytes)
+                _remember(_REPLY_OUTPUTS, (name, array.dtype, array.shape), header + raw_head)
+        parts += _raw_fields(RAW_OUTPUT_FIELD, buffers)
+        return b"".join(parts)
 
 
 def decode_response(data: Buffer) -> tuple[Any, dict[str, np.ndarray]]:

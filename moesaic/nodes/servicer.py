@@ -32,7 +32,7 @@ import grpc
 from moesaic import __version__
 from moesaic.errors import InvalidInput, NotFound, Unavailable
 from moesaic.metrics import Metrics
-from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_response
+from moesaic.nodes.codec import RAW_INPUT_FIELD, ReplyWriter, encode_response
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
 from moesaic.nodes.served import ServedModel
@@ -74,6 +74,7 @@ class InferenceServicer:
         self.shared_memory = SharedMemory()  # the shared-memory extensions' regions (system, CUDA)
         self.validator = RequestValidator(plane.ready_model, self.shared_memory)
         self._ok = metrics.requests.labels(method="ModelInfer", code="OK")
+        self._writers: dict[ServedModel, ReplyWriter] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         unary = grpc.unary_unary_rpc_method_handler
@@ -220,32 +221,60 @@ class InferenceServicer:
                 )
             finally:
                 model.release()
-            stages = reply.stages
-            outputs, in_regions = reply.outputs, b""
-            if request.output_regions:  # written into shared memory, listed after the others
-                outputs, in_regions = self.shared_memory.output_fields(outputs, request.output_regions)
-            data_out = encode_response(
-                request.model.name,
-                outputs,
-                parameters={
-                    "compute_ms": stages.compute * 1e3,
-                    "queue_ms": stages.queue * 1e3,
-                    "energy_mj": reply.energy_j * 1e3,
-                    "energy_source": reply.energy_source,
-                    "queue_depth": reply.queue.depth,
-                    "expected_wait_ms": reply.queue.expected_wait_s * 1e3,
-                },
-                request_id=request.request_id,
-                model_version=model.version_str,
+            stages, queue = reply.stages, reply.queue
+            numbers = (
+                stages.compute * 1e3,
+                stages.queue * 1e3,
+                reply.energy_j * 1e3,
+                queue.expected_wait_s * 1e3,
             )
-            if in_regions:
-                data_out += in_regions
+            if request.output_regions or request.request_id:
+                data_out = self._encode_rare(request, reply.outputs, numbers, queue.depth)
+            else:
+                writer = self._writers.get(model) or self._writer(model)
+                data_out = writer.encode(numbers, (queue.depth,), reply.outputs)
         except Exception as exc:
             code, _ = status_of(exc)
             self.metrics.requests.labels(method="ModelInfer", code=code.name).inc()
             abort(context, exc)
         self._ok.inc()
         return data_out
+
+    def _writer(self, model: ServedModel) -> ReplyWriter:
+        writers = self._writers
+        if len(writers) >= 64:  # versions come and go: keep the writers of recent ones
+            writers.clear()
+        writer = writers[model] = ReplyWriter(
+            model.name,
+            model.version_str,
+            doubles=_REPLY_DOUBLES,
+            counts=("queue_depth",),
+            fixed={"energy_source": self.plane.cost.source},
+        )
+        return writer
+
+    def _encode_rare(
+        self, request: Decoded, outputs: dict[str, Any], numbers: Sequence[float], depth: int
+    ) -> bytes:
+        """A reply echoing a request id, or with outputs written into shared memory."""
+        in_regions = b""
+        if request.output_regions:  # written into shared memory, listed after the others
+            outputs, in_regions = self.shared_memory.output_fields(outputs, request.output_regions)
+        parameters: dict[str, Any] = dict(zip(_REPLY_DOUBLES, numbers, strict=True))
+        parameters["energy_source"] = self.plane.cost.source
+        parameters["queue_depth"] = depth
+        data_out = encode_response(
+            request.model.name,
+            outputs,
+            parameters=parameters,
+            request_id=request.request_id,
+            model_version=request.model.version_str,
+        )
+        return data_out + in_regions if in_regions else data_out
+
+
+_REPLY_DOUBLES = ("compute_ms", "queue_ms", "energy_mj", "expected_wait_ms")
+"""The reply's parameters that are numbers (besides ``energy_source`` and ``queue_depth``)."""
 
 
 def _deadline(time_remaining: float | None, deadline_ms: float | None) -> float | None:

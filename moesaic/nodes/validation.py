@@ -11,7 +11,10 @@ number. Every failure is :class:`~moesaic.errors.InvalidInput` (or ``NotFound`` 
 
 Requests shaped like an earlier one take a fast path: a :class:`Plan` per header bytes (same
 model, names, datatypes, shapes, parameters; no request id) skips protobuf parsing and the
-per-input checks, leaving a length check and a view per input.
+per-input checks, leaving a length check and a view per input. Faster still, a
+:class:`Layout` per message length says where that plan's tensors sit in the wire bytes: a
+request of that length whose other bytes (header, tags, lengths) are the same is bound without
+walking the message at all.
 """
 
 from __future__ import annotations
@@ -24,7 +27,13 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from moesaic.errors import InvalidInput, quote
-from moesaic.nodes.codec import decode_tensor, from_parameters, split_message, tensor_from_contents
+from moesaic.nodes.codec import (
+    decode_tensor,
+    from_parameters,
+    raw_spans,
+    split_message,
+    tensor_from_contents,
+)
 from moesaic.nodes.served import ServedModel
 from moesaic.nodes.shm import RegionRef, SharedMemory, region_ref
 from moesaic.proto import inference_pb2
@@ -170,6 +179,76 @@ class Plan:
 
 _PLAN_LIMIT = 256
 _PLAN_HEADER_BYTES = 4096
+_NO_REGIONS: dict[str, RegionRef] = {}  # shared by every planned request (read only)
+
+
+class Layout:
+    """Where one plan's tensors sit in a request's wire bytes, for requests of one length.
+
+    A message is a sequence of fields whose tags and lengths decide how it parses, so bytes of
+    the same length that agree with the planned request everywhere outside its tensors' payloads
+    parse to the same header and the same tensor positions: :meth:`bind` checks that with one
+    ``startswith`` per constant run (one for a request with its tensors at the end) and reads
+    each tensor with one ``np.frombuffer``.
+    """
+
+    __slots__ = (
+        "deadline_ms",
+        "model",
+        "model_version",
+        "parameters",
+        "plan",
+        "requested",
+        "runs",
+        "specs",
+        "tensors",
+    )
+
+    def __init__(self, plan: Plan, data: bytes, spans: Sequence[tuple[int, int]]) -> None:
+        self.plan = plan
+        self.model = plan.model
+        self.specs = plan.specs
+        runs, pos = [], 0
+        for start, end in spans:
+            if start > pos:
+                runs.append((data[pos:start], pos))
+            pos = end
+        if pos < len(data):
+            runs.append((data[pos:], pos))
+        self.runs = tuple(runs)
+        self.tensors = tuple(
+            (name, dtype, nbytes // dtype.itemsize, start, shape if len(shape) != 1 else None)
+            for (name, dtype, shape, nbytes), (start, _) in zip(plan.tensors, spans, strict=True)
+        )
+        parameters = dict(plan.parameters) if plan.parameters else {}
+        self.deadline_ms = _deadline_ms(parameters.pop(DEADLINE_PARAMETER, None)) if parameters else None
+        self.parameters = parameters
+        self.requested = plan.requested
+        self.model_version = plan.model_version
+
+    def bind(self, data: bytes) -> Decoded | None:
+        """The request decoded, or None when it does not fit this layout (then parse it)."""
+        model = self.model
+        if model.state != "ready" or model.input_specs is not self.specs:
+            return None
+        for run, offset in self.runs:
+            if not data.startswith(run, offset):
+                return None
+        inputs = {}
+        for name, dtype, count, offset, shape in self.tensors:
+            array = np.frombuffer(data, dtype, count, offset)
+            inputs[name] = array if shape is None else array.reshape(shape)
+        parameters = self.parameters
+        return Decoded(
+            model,
+            inputs,
+            dict(parameters) if parameters else {},
+            self.requested,
+            "",
+            self.model_version,
+            self.deadline_ms,
+            _NO_REGIONS,
+        )
 
 
 @dataclass(slots=True)
@@ -197,8 +276,14 @@ class RequestValidator:
         self._shm = shared_memory
         self._accepted: dict[str, tuple[Mapping[str, Any], Accepted]] = {}
         self._plans: dict[bytes, Plan] = {}
+        self._layouts: dict[int, Layout] = {}
 
     def decode(self, data: bytes, raw_field: int) -> Decoded:
+        layout = self._layouts.get(len(data))
+        if layout is not None and type(data) is bytes:
+            decoded = layout.bind(data)
+            if decoded is not None:
+                return decoded
         header_bytes, raws = split_message(data, raw_field)
         plan = self._plans.get(header_bytes)
         inputs = plan.bind(raws) if plan is not None else None
@@ -222,7 +307,14 @@ class RequestValidator:
             request_id, model_version = header.id, header.model_version
             regions = _output_regions(header, self._shm)
             if not in_regions and not regions:
-                self._remember(header_bytes, header, model, inputs, raws)
+                plan = self._remember(header_bytes, header, model, inputs, raws)
+                if plan is not None and type(data) is bytes and not POINT_INPUTS & inputs.keys():
+                    spans = raw_spans(data, raw_field)
+                    if len(spans) == len(plan.tensors):
+                        layouts = self._layouts
+                        if len(layouts) >= _PLAN_LIMIT:
+                            layouts.clear()
+                        layouts[len(data)] = Layout(plan, data, spans)
             else:
                 return self._finish(model, inputs, parameters, requested, request_id, model_version, regions)
         return self._finish(model, inputs, parameters, requested, request_id, model_version, {})
@@ -258,7 +350,8 @@ class RequestValidator:
         model: ServedModel,
         inputs: Mapping[str, np.ndarray],
         raws: Any,
-    ) -> None:
+    ) -> Plan | None:
+        """Keep a plan for requests with these header bytes (returned), if they can have one."""
         if (
             raws
             and not header.id
@@ -268,7 +361,9 @@ class RequestValidator:
             plans = self._plans
             if len(plans) >= _PLAN_LIMIT:
                 plans.clear()
-            plans[header_bytes] = Plan(model, header, inputs, raws)
+            plan = plans[header_bytes] = Plan(model, header, inputs, raws)
+            return plan
+        return None
 
 
 def _output_regions(header: Any, shm: SharedMemory | None) -> dict[str, RegionRef]:

@@ -7,12 +7,15 @@ import pytest
 
 from moesaic.nodes.codec import (
     RAW_INPUT_FIELD,
+    RAW_OUTPUT_FIELD,
+    ReplyWriter,
     decode_request,
     decode_response,
     decode_tensor,
     deserialize_bytes_tensor,
     encode_request,
     encode_response,
+    raw_spans,
     serialize_bytes_tensor,
     split_message,
     tensor_from_contents,
@@ -20,7 +23,7 @@ from moesaic.nodes.codec import (
 )
 from moesaic.proto import inference_pb2
 
-ARRAYS = {
+ARRAYS: dict[str, np.ndarray] = {
     "FP32": np.arange(6, dtype=np.float32).reshape(2, 3) / 7,
     "FP16": np.arange(6, dtype=np.float16).reshape(2, 3) / 3,
     "FP64": np.linspace(0, 1, 6).reshape(2, 3),
@@ -132,3 +135,66 @@ def test_typed_contents_count_mismatch() -> None:
         ValueError, match=r"input 'x': contents\.fp32_contents holds 2 values; shape \[3\] needs 3"
     ):
         tensor_from_contents("x", "FP32", (3,), tensor.contents)
+
+
+def _writer() -> ReplyWriter:
+    return ReplyWriter(
+        "m", "3", doubles=("compute_ms", "queue_ms"), counts=("queue_depth",), fixed={"energy_source": "rapl"}
+    )
+
+
+@pytest.mark.parametrize("datatype", sorted(ARRAYS))
+def test_reply_writer_parses_as_encode_response_writes(datatype: str) -> None:
+    """The second reply of a signature takes the cached path; both parse to the same message as
+    encode_response's, with the numbers of that reply."""
+    writer = _writer()
+    outputs: dict[str, np.ndarray] = {
+        "out": ARRAYS[datatype],
+        "total": np.array(2.5, np.float32),
+        "idx": np.arange(3),
+    }
+    for compute, depth in ((1.25, 0), (7.5, 2000)):  # 2000: an int field that is not cached
+        data = writer.encode((compute, 0.5), (depth,), outputs)
+        expected = encode_response(
+            "m",
+            outputs,
+            parameters={
+                "energy_source": "rapl",
+                "compute_ms": compute,
+                "queue_ms": 0.5,
+                "queue_depth": depth,
+            },
+            model_version="3",
+        )
+        header, got = decode_response(data)
+        assert header == inference_pb2.ModelInferResponse.FromString(
+            split_message(expected, RAW_OUTPUT_FIELD)[0]
+        )
+        assert header.parameters["compute_ms"].double_param == compute
+        assert header.parameters["queue_depth"].int64_param == depth
+        for name, array in outputs.items():
+            np.testing.assert_array_equal(got[name], array)
+            assert got[name].dtype == array.dtype and got[name].shape == array.shape
+        full = inference_pb2.ModelInferResponse.FromString(data)  # protobuf itself agrees
+        assert [o.name for o in full.outputs] == list(outputs)
+        assert len(full.raw_output_contents) == len(outputs)
+
+
+def test_reply_writer_copies_arrays_that_are_not_contiguous() -> None:
+    writer = _writer()
+    array = np.arange(12, dtype=np.float32).reshape(3, 4)
+    writer.encode((1.0, 1.0), (1,), {"out": array})  # caches the signature
+    data = writer.encode((1.0, 1.0), (1,), {"out": array.T.copy().T[:, :3]})
+    np.testing.assert_array_equal(decode_response(data)[1]["out"], array[:, :3])
+    strided = np.arange(24, dtype=np.float32).reshape(3, 8)[:, ::2]  # same dtype and shape as array
+    data = writer.encode((1.0, 1.0), (1,), {"out": strided})
+    np.testing.assert_array_equal(decode_response(data)[1]["out"], strided)
+
+
+def test_raw_spans_finds_every_tensor_payload() -> None:
+    data = encode_request(
+        "m", {"a": np.arange(3, dtype=np.int32), "b": np.ones(200, np.uint8)}, request_id="r"
+    )
+    spans = raw_spans(data, RAW_INPUT_FIELD)
+    assert [data[s:e] for s, e in spans] == [bytes(r) for r in split_message(data, RAW_INPUT_FIELD)[1]]
+    assert [e - s for s, e in spans] == [12, 200]
