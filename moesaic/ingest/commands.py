@@ -115,7 +115,7 @@ async def _serve(config: Any) -> int:
 def run_install_units(args: argparse.Namespace) -> int:
     """Entry point of ``moesaic install-units``."""
     from moesaic.ingest.config import load_config
-    from moesaic.ingest.units import load_units_config, render_units, unreachable_paths
+    from moesaic.systemd.units import load_units_config, render_units, unreachable_paths
 
     executable = args.executable or _this_executable()
     try:

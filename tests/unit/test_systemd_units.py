@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from moesaic.cli import main
-from moesaic.ingest.units import UNIT_NAMES, UnitsConfig, load_units_config, render_units
+from moesaic.systemd.units import UNIT_NAMES, UnitsConfig, load_units_config, render_units
 
-REPO = Path(__file__).resolve().parents[3]
+REPO = Path(__file__).resolve().parents[2]
 VENV_MOESAIC = Path(sys.executable).parent / "moesaic"
 
 
