@@ -378,7 +378,7 @@ def train(
             # cuDNN's autotuning, lazy CUDA init), rather than cutting a schedule off half-way.
             now = time.perf_counter()
             per_step = (now - paced) / _PACE_STEPS
-            fits = step + int((config.max_seconds - (now - start)) / per_step)
+            fits = step + max(0, int((config.max_seconds - (now - start)) / per_step))
             if fits < total:
                 log.warning(
                     "%s: %d of %d steps fit in max_seconds=%s", config.task, fits, total, config.max_seconds
