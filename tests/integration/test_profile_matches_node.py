@@ -55,11 +55,16 @@ def test_profile_predicts_what_the_node_reports(tmp_path: Path) -> None:
     after = profile(tmp_path / "after.json")
     predicted_ms = (before.latency_ms.p50 + after.latency_ms.p50) / 2
     predicted_mj = (before.energy_mj_per_inference + after.energy_mj_per_inference) / 2
-    # The issue asks for ±20 %; on this 2-core VM a node's requests run 20-30 % slower than the
-    # profile's back-to-back loop (each request lands on whichever gRPC worker thread is free,
-    # often on the other core with cold caches). The profile still sees the whole path (an
-    # engine-only profile was off by the pre/post-processing and codec on top of that).
-    assert statistics.median(compute) == pytest.approx(predicted_ms, rel=0.35)
-    # Energy here is the estimate meter's watts x mean busy time, so it also carries the served
-    # requests' scheduling tails (seen 17 vs 23 mJ in a full-suite run): bounded at 50 %.
-    assert statistics.median(energy) == pytest.approx(predicted_mj, rel=0.50)
+    seen = (
+        f"node {statistics.median(compute):.3f} ms, {statistics.median(energy):.2f} mJ; profile "
+        f"{before.latency_ms.p50:.3f} / {after.latency_ms.p50:.3f} ms, {predicted_mj:.2f} mJ"
+    )
+    # The issue's ±20 % holds on a quiet machine: the node's compute p50 came 1-4 % above the
+    # profile's in every run on this 2-core VM (BENCHMARKS.md section 12). Beside other busy
+    # processes (a full test suite) the profile's back-to-back loop is scheduled as a CPU hog
+    # and both figures move by tens of percent, so the bound is 35 %.
+    assert statistics.median(compute) == pytest.approx(predicted_ms, rel=0.35), seen
+    # Energy here is the estimate meter's watts x mean busy time, so it also carries scheduling
+    # tails: within 5 % quiet; beside three bursty processes the profile's figure came 7-50 %
+    # above the node's (17 vs 23 mJ once in a full-suite run): 50 %.
+    assert statistics.median(energy) == pytest.approx(predicted_mj, rel=0.50), seen
