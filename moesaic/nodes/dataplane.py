@@ -175,22 +175,18 @@ class DataPlane:
         """
         try:
             if model.batcher is None:
-                outputs, stages = self._run_alone(model, inputs, parameters, deadline, alive)
+                outputs, stages, queue = self._run_alone(model, inputs, parameters, deadline, alive)
             else:
                 outputs, stages = self._run_batched(model, inputs, parameters, deadline)
+                queue = self.queue_state(model)
         except DeadlineExceeded:
             self._expired[model.name].inc()
             raise
         if requested:
             outputs = _requested(model, outputs, requested)
-        self._latencies.append((model.name, stages.compute))
-        return Reply(
-            outputs,
-            stages,
-            self.cost.energy_j(model.name),
-            self.cost.source,
-            self.queue_state(model),
-        )
+        name, cost = model.name, self.cost
+        self._latencies.append((name, stages.compute))
+        return Reply(outputs, stages, cost.energy_j(name), cost.source, queue)
 
     def _run_alone(
         self,
@@ -199,7 +195,7 @@ class DataPlane:
         parameters: Mapping[str, Any],
         deadline: float | None,
         alive: Callable[[], bool] | None,
-    ) -> tuple[dict[str, np.ndarray], Stages]:
+    ) -> tuple[dict[str, np.ndarray], Stages, QueueState]:
         # One clock (monotonic) for the queue, the cost meter and the stages: four reads a request.
         cost, queue, name, clock = self.cost, model.queue, model.name, time.monotonic
         slot = queue.enter(deadline, alive=alive)
@@ -223,9 +219,9 @@ class DataPlane:
             queue.leave(slot, failed)
             raise
         cost.end(work, now=t3)
-        queue.leave(slot, t3)
+        state = queue.leave(slot, t3)
         self._last_done[name] = t3
-        return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2)
+        return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2), state
 
     def _run_batched(
         self,

@@ -14,7 +14,8 @@ request holds its slot.
 >>> slot = queue.enter(deadline=None)
 >>> queue.state().depth
 1
->>> queue.leave(slot)
+>>> queue.leave(slot).depth
+0
 """
 
 from __future__ import annotations
@@ -106,7 +107,9 @@ class ModelQueue:
         with self._lock:
             if self._free and not self._waiting:
                 self._free -= 1
-                return self._start(arrived, 0.0)
+                slot = Slot(next(self._seq), arrived, 0.0)
+                self._running[slot.id] = arrived
+                return slot
             ticket = Ticket(deadline, next(self._seq))
             heapq.heappush(self._waiting, ticket)
         while not ticket.event.is_set():
@@ -137,14 +140,22 @@ class ModelQueue:
         self._running[slot.id] = now
         return slot
 
-    def leave(self, slot: Slot, now: float | None = None) -> None:
-        """The slot's work is over (``now``: its end, monotonic, when the caller has it)."""
+    def leave(self, slot: Slot, now: float | None = None) -> QueueState:
+        """The slot's work is over (``now``: its end, monotonic, when the caller has it); returns
+        the queue's state it leaves behind (as :meth:`state`, read under the same lock)."""
         held = (time.monotonic() if now is None else now) - slot.started
         with self._lock:
             self._running.pop(slot.id, None)
-            self._served += 1
-            self._service_s = held if self._served == 1 else 0.8 * self._service_s + 0.2 * held
-            self._hand_over()
+            served = self._served = self._served + 1
+            service = self._service_s = held if served == 1 else 0.8 * self._service_s + 0.2 * held
+            waiting = self._waiting
+            if waiting:
+                self._hand_over()
+            else:
+                self._free += 1
+            depth = len(self._running) + len(waiting)
+        slots = self.slots
+        return QueueState(depth, max(depth - slots + 1, 0) * service / slots, service)
 
     def _hand_over(self) -> None:
         """Give a free slot to the most urgent waiting request (lock held)."""

@@ -127,7 +127,7 @@ class ServedModel:
     def release(self) -> None:
         with self._idle:
             self._users -= 1
-            if self._users <= 0:
+            if self._users <= 0 and self._retiring:  # only retire() waits for it
                 self._idle.notify_all()
 
     @property

@@ -210,7 +210,11 @@ class InferenceServicer:
             request = self._decode_held(data)
             model = request.model
             try:
-                deadline = _deadline(context.time_remaining(), request.deadline_ms)
+                remaining = context.time_remaining()
+                if request.deadline_ms is None:
+                    deadline = None if remaining is None else time.monotonic() + remaining
+                else:
+                    deadline = _deadline(remaining, request.deadline_ms)
                 reply = self.plane.infer(
                     model,
                     request.inputs,
