@@ -10,9 +10,12 @@
     from its own virtualenv ``.venv-mlserver`` (created on demand with
     ``pip install mlserver==1.7.1 onnxruntime``), since its ``inference.*`` protobuf package
     clashes with moesaic's in one process.
+(e) with ``--baseline DIR``: the node of another checkout (e.g. ``git worktree add``)
+(f) with ``--floor-check``: the node's own gRPC server (options, thread pool, every service)
+    with (b)'s handler, which shows whether (b) is a fair floor
 
 Every server runs in its own process; one client (blocking gRPC channel, raw bytes, one
-request at a time) drives (b)-(e), interleaved in chunks of 20 requests so machine noise hits
+request at a time) drives (b)-(f), interleaved in chunks of 20 requests so machine noise hits
 all alike.
 Prints p50/p99 and ratios to the echo floor, then a copy check at 4 MB (tracemalloc: bytes
 the node's decode and encode allocate per request).
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import subprocess
@@ -110,6 +114,21 @@ def serve_echo(port: int) -> None:
     server.wait_for_termination()
 
 
+def serve_node_echo(port: int, models: Path) -> None:
+    """The floor's fairness check: a moesaic node server (its options, thread pool and services)
+    whose ModelInfer returns the request bytes, as the echo's does."""
+    import threading
+
+    from moesaic.nodes.config import load_node_config
+    from moesaic.nodes.server import NodeServer
+    from moesaic.nodes.servicer import InferenceServicer
+
+    InferenceServicer.model_infer = lambda self, data, context: data  # type: ignore[method-assign]
+    node = NodeServer(load_node_config(overrides={"listen": f"127.0.0.1:{port}", "models": str(models)}))
+    node.start()
+    threading.Event().wait()
+
+
 def wait_model_ready(
     address: str, model: str | None, proc: subprocess.Popen[Any], timeout: float = 120
 ) -> None:
@@ -138,7 +157,9 @@ def wait_model_ready(
 def server_process(
     command: list[str], address: str, model: str | None, cwd: Path | None = None, tree: Path = ROOT
 ) -> Iterator[None]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree)}
+    # The tree first, then whatever the caller's PYTHONPATH holds (e.g. carried wheels).
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_model_ready(address, model, proc)
@@ -203,7 +224,7 @@ def measure(call: Callable[[], Any], iterations: int, warmup: int) -> list[float
 
 def check_reply(name: str, reply: bytes, array: np.ndarray) -> None:
     """Every server must really return the tensor (raw or typed contents)."""
-    if name == "echo":
+    if name in ("echo", "node_echo"):
         return
     _, outputs = decode_response(reply)
     np.testing.assert_array_equal(np.asarray(outputs["x_out"], np.float32).reshape(-1), array)
@@ -244,6 +265,12 @@ def copy_check(nbytes: int) -> dict[str, float]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve-echo", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-node-echo", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--floor-check",
+        action="store_true",
+        help="also (f): the node's gRPC server with the echo's handler, to show the floor is fair",
+    )
     parser.add_argument("--iterations", type=int, default=1000, help="requests per target per size at 1 KB")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (samples are pooled)")
     parser.add_argument("--skip-mlserver", action="store_true")
@@ -258,12 +285,15 @@ def main() -> int:
     if args.serve_echo:
         serve_echo(args.serve_echo)
         return 0
+    if args.serve_node_echo:
+        serve_node_echo(int(args.serve_node_echo[0]), Path(args.serve_node_echo[1]))
+        return 0
 
     sizes = {"1.5 KB": 1536, "1 MiB": 1 << 20}
     tmp = Path(tempfile.mkdtemp(prefix="node-overhead-"))
     models = tmp / "models"
     write_model(models / "echo")
-    ports = {"echo": free_port(), "node": free_port(), "mlserver": free_port(), "baseline": free_port()}
+    ports = {t: free_port() for t in ("echo", "node", "mlserver", "baseline", "node_echo")}
     stack = contextlib.ExitStack()
     targets = ["echo", "node"]
     stack.enter_context(
@@ -291,6 +321,15 @@ def main() -> int:
             )
         )  # fmt: skip
         targets.append("baseline")
+    if args.floor_check:
+        stack.enter_context(
+            server_process(
+                [sys.executable, __file__, "--serve-node-echo", str(ports["node_echo"]), str(models)],
+                f"127.0.0.1:{ports['node_echo']}",
+                "echo",
+            )
+        )
+        targets.append("node_echo")
     if not args.skip_mlserver:
         mlserver = ensure_mlserver_venv()
         folder = mlserver_folder(tmp, models / "echo", ports["mlserver"])
@@ -322,19 +361,20 @@ def main() -> int:
             for t in targets:
                 check_reply(t, calls[t](request, timeout=30), array)
             for t in targets:  # warm-up
-                measure(lambda c=calls[t], r=request: c(r, timeout=30), 20, 0)
+                measure(functools.partial(calls[t], request, timeout=30), 20, 0)
             # Interleaved in chunks of CHUNK requests, so a burst of machine noise (this is a
             # shared VM) lands on every target alike instead of on whichever ran then.
             for _ in range(args.rounds * iterations // CHUNK):
-                res["engine"] += measure(lambda a=array: engine.infer({"x": a}), CHUNK, 0)
+                res["engine"] += measure(functools.partial(engine.infer, {"x": array}), CHUNK, 0)
                 for t in targets:
-                    res[t] += measure(lambda c=calls[t], r=request: c(r, timeout=30), CHUNK, 0)
+                    res[t] += measure(functools.partial(calls[t], request, timeout=30), CHUNK, 0)
         for ch in channels.values():
             ch.close()
     engine.close()
 
     names = {"engine": "(a) in-process engine", "echo": "(b) gRPC echo (floor)", "node": "(c) moesaic node",
-             "mlserver": "(d) MLServer 1.7.1", "baseline": f"(e) node at {args.baseline}"}  # fmt: skip
+             "mlserver": "(d) MLServer 1.7.1", "baseline": f"(e) node at {args.baseline}",
+             "node_echo": "(f) node's server, echo handler"}  # fmt: skip
     summary: dict[str, Any] = {"machine": machine(), "sizes": {}}
     lines = [
         "| payload | server | p50 (us) | p99 (us) | p50 / floor | p99 / floor |",
