@@ -59,12 +59,13 @@ def test_profile_predicts_what_the_node_reports(tmp_path: Path) -> None:
         f"node {statistics.median(compute):.3f} ms, {statistics.median(energy):.2f} mJ; profile "
         f"{before.latency_ms.p50:.3f} / {after.latency_ms.p50:.3f} ms, {predicted_mj:.2f} mJ"
     )
-    # The issue's ±20 % holds on a quiet machine: the node's compute p50 came 1-4 % above the
-    # profile's in every run on this 2-core VM (BENCHMARKS.md section 12). Beside other busy
-    # processes (a full test suite) the profile's back-to-back loop is scheduled as a CPU hog
-    # and both figures move by tens of percent, so the bound is 35 %.
+    # The issue's ±20 % holds on a quiet machine: the node's compute p50 came 0.5-3.5 % above
+    # the profile's in 9 runs on this 2-core VM, and within 6 % beside one or two CPU hogs
+    # (BENCHMARKS.md section 12). Beside bursty processes (a full test suite) one profile in
+    # four came out 2.4x slow: the bound stays at 35 %.
     assert statistics.median(compute) == pytest.approx(predicted_ms, rel=0.35), seen
-    # Energy here is the estimate meter's watts x mean busy time, so it also carries scheduling
-    # tails: within 5 % quiet; beside three bursty processes the profile's figure came 7-50 %
-    # above the node's (17 vs 23 mJ once in a full-suite run): 50 %.
+    # Energy here is the estimate meter's watts x mean busy time, so it carries scheduling
+    # tails: within 5 % quiet; beside busy processes the profile's figure came -11 % to +180 %
+    # off the node's (17 vs 23 mJ once in a full-suite run). 50 % keeps the quiet case honest;
+    # a loaded machine can fail it.
     assert statistics.median(energy) == pytest.approx(predicted_mj, rel=0.50), seen
