@@ -62,7 +62,7 @@ def test_profile_predicts_what_the_node_reports(tmp_path: Path) -> None:
     # The issue's ±20 % holds on a quiet machine: the node's compute p50 came 0.5-3.5 % above
     # the profile's in 9 runs on this 2-core VM, and within 6 % beside one or two CPU hogs
     # (BENCHMARKS.md section 12). Beside bursty processes (a full test suite) one profile in
-    # four came out 2.4x slow: the bound stays at 35 %.
+    # six came out 2.4x slow: the bound stays at 35 %.
     assert statistics.median(compute) == pytest.approx(predicted_ms, rel=0.35), seen
     # Energy here is the estimate meter's watts x mean busy time, so it carries scheduling
     # tails: within 5 % quiet; beside busy processes the profile's figure came -11 % to +180 %
