@@ -173,55 +173,51 @@ class DataPlane:
         ``deadline``: monotonic seconds; ``alive``: asked while the request waits in the queue,
         False once its client went away (the request then leaves, never computed).
         """
-        try:
-            if model.batcher is None:
-                outputs, stages, queue = self._run_alone(model, inputs, parameters, deadline, alive)
-            else:
+        name, cost = model.name, self.cost
+        if model.batcher is None:
+            # One clock (monotonic) for the queue, the cost meter and the stages: four reads a
+            # request. Inline, not a method: this is every unbatched request's path.
+            queue, clock = model.queue, time.monotonic
+            try:
+                slot = queue.enter(deadline, alive=alive)
+            except DeadlineExceeded:
+                self._expired[name].inc()
+                raise
+            t0 = slot.started
+            work = cost.begin(name, t0)
+            try:
+                if model.processor is None:  # the engine's tensors are the node's: no stages around it
+                    outputs = model.run(inputs)
+                    t1, t2 = t0, clock()
+                    t3 = t2
+                else:
+                    engine_inputs, context = model.preprocess(inputs, parameters)
+                    t1 = clock()
+                    raw = model.run(engine_inputs)
+                    t2 = clock()
+                    outputs = model.postprocess(raw, context)
+                    t3 = clock()
+            except BaseException:
+                failed = clock()
+                cost.end(work, now=failed)
+                queue.leave(slot, failed)
+                raise
+            cost.end(work, now=t3)
+            state = queue.leave(slot, t3)
+            self._last_done[name] = t3
+            stages = Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2)
+            self._latencies.append((name, t3 - t0))
+        else:
+            try:
                 outputs, stages = self._run_batched(model, inputs, parameters, deadline)
-                queue = self.queue_state(model)
-        except DeadlineExceeded:
-            self._expired[model.name].inc()
-            raise
+            except DeadlineExceeded:
+                self._expired[name].inc()
+                raise
+            state = self.queue_state(model)
+            self._latencies.append((name, stages.compute))
         if requested:
             outputs = _requested(model, outputs, requested)
-        name, cost = model.name, self.cost
-        self._latencies.append((name, stages.compute))
-        return Reply(outputs, stages, cost.energy_j(name), cost.source, queue)
-
-    def _run_alone(
-        self,
-        model: ServedModel,
-        inputs: Mapping[str, np.ndarray],
-        parameters: Mapping[str, Any],
-        deadline: float | None,
-        alive: Callable[[], bool] | None,
-    ) -> tuple[dict[str, np.ndarray], Stages, QueueState]:
-        # One clock (monotonic) for the queue, the cost meter and the stages: four reads a request.
-        cost, queue, name, clock = self.cost, model.queue, model.name, time.monotonic
-        slot = queue.enter(deadline, alive=alive)
-        t0 = slot.started
-        work = cost.begin(name, t0)
-        try:
-            if model.processor is None:  # the engine's tensors are the node's: no stages around it
-                outputs = model.run(inputs)
-                t1, t2 = t0, clock()
-                t3 = t2
-            else:
-                engine_inputs, context = model.preprocess(inputs, parameters)
-                t1 = clock()
-                raw = model.run(engine_inputs)
-                t2 = clock()
-                outputs = model.postprocess(raw, context)
-                t3 = clock()
-        except BaseException:
-            failed = clock()
-            cost.end(work, now=failed)
-            queue.leave(slot, failed)
-            raise
-        cost.end(work, now=t3)
-        state = queue.leave(slot, t3)
-        self._last_done[name] = t3
-        return outputs, Stages(slot.queued_s, t1 - t0, t2 - t1, t3 - t2), state
+        return Reply(outputs, stages, cost.energy_j(name), cost.source, state)
 
     def _run_batched(
         self,

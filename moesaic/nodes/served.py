@@ -100,7 +100,8 @@ class ServedModel:
         self._lock = threading.Lock()
         self._users = 0
         self._retiring = False
-        self._idle = threading.Condition(threading.Lock())
+        self._users_lock = threading.Lock()  # acquire/release take it bare: every request does
+        self._idle = threading.Condition(self._users_lock)
 
     @property
     def ready(self) -> bool:
@@ -118,14 +119,14 @@ class ServedModel:
 
     def acquire(self) -> bool:
         """Count one request on this version; False once it is retired (look it up again)."""
-        with self._idle:
+        with self._users_lock:
             if self._retiring:
                 return False
             self._users += 1
             return True
 
     def release(self) -> None:
-        with self._idle:
+        with self._users_lock:
             self._users -= 1
             if self._users <= 0 and self._retiring:  # only retire() waits for it
                 self._idle.notify_all()

@@ -207,8 +207,11 @@ class InferenceServicer:
 
     def model_infer(self, data: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            request = self._decode_held(data)
+            request = self.validator.decode(data, RAW_INPUT_FIELD)
             model = request.model
+            if not model.acquire():  # retired by a swap since: look the model up again
+                request = self._decode_held(data)
+                model = request.model
             try:
                 remaining = context.time_remaining()
                 if request.deadline_ms is None:
