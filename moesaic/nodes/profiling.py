@@ -9,7 +9,8 @@ encoded as the reply. Energy comes from the same :class:`~moesaic.runtime.cost.C
 the node uses: the model's attributed dynamic energy over the timed calls, after the meter
 learnt the idle draw. Each record's ``latency_ms`` is the compute a node reports as
 ``compute_ms`` (pre + engine + post), the figure the coordinator later compares against;
-``stages_ms`` gives each stage's median, codec included.
+``stages_ms`` gives each stage's median, codec included. The calls arrive as a node's
+requests do: each on the next of a pool of threads, with a short gap between them.
 
     moesaic profile --models models --device cuda:0 --batch 1,4 --out profile.json
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -44,11 +46,18 @@ def profile_served(
     idle_s: float = 2.0,
     min_duration_s: float = 0.0,
     on_run: Callable[[int], None] | None = None,
+    threads: int = 8,
+    gap_s: float = 0.0005,
 ) -> ProfileRecord:
     """Time ``runs`` (at least; more until ``min_duration_s``) node-path calls of ``model``.
 
     1. ``warmup`` untimed calls; 2. ``idle_s`` with no work, so the cost meter learns the
     idle draw; 3. the timed calls; 4. a pause for the meter's last intervals to close.
+
+    The calls run as a node's requests do: each on the next of ``threads`` threads (a node's
+    gRPC pool), with ``gap_s`` between one call's end and the next one's start (a client's
+    round trip). Back to back on one thread, a loaded machine's scheduler treats the loop as
+    a CPU hog and preempts it more than the node's requests (BENCHMARKS.md section 12).
     """
     if runs < 1:
         raise ValueError(f"runs: must be >= 1, got {runs}")
@@ -68,27 +77,33 @@ def profile_served(
         encode_response(model.name, reply.outputs, parameters={"energy_mj": reply.energy_j * 1e3})
         return (t1 - t0) + (time.perf_counter() - t2), reply.stages
 
-    for _ in range(warmup):
-        call()
-    if idle_s > 0:
-        time.sleep(idle_s)
-    before = cost.snapshot().attributed.get(model.name, 0.0)
+    timed = _ThreadRotation(call, threads)
     codec: list[float] = []
     pre: list[float] = []
     engine: list[float] = []
     post: list[float] = []
     compute: list[float] = []
-    start = time.perf_counter()
-    while len(compute) < runs or time.perf_counter() - start < min_duration_s:
-        codec_s, stages = call()
-        codec.append(codec_s * 1e3)
-        pre.append(stages.preprocess * 1e3)
-        engine.append(stages.engine * 1e3)
-        post.append(stages.postprocess * 1e3)
-        compute.append(stages.compute * 1e3)
-        if on_run is not None:
-            on_run(len(compute))
-    elapsed = time.perf_counter() - start
+    try:
+        for _ in range(max(warmup, timed.threads)):  # every thread warm
+            timed()
+        if idle_s > 0:
+            time.sleep(idle_s)
+        before = cost.snapshot().attributed.get(model.name, 0.0)
+        start = time.perf_counter()
+        while len(compute) < runs or time.perf_counter() - start < min_duration_s:
+            codec_s, stages = timed()
+            if gap_s > 0:
+                time.sleep(gap_s)
+            codec.append(codec_s * 1e3)
+            pre.append(stages.preprocess * 1e3)
+            engine.append(stages.engine * 1e3)
+            post.append(stages.postprocess * 1e3)
+            compute.append(stages.compute * 1e3)
+            if on_run is not None:
+                on_run(len(compute))
+        elapsed = time.perf_counter() - start
+    finally:
+        timed.close()
     time.sleep(3 * cost.interval_s)  # the intervals holding the last calls close
     attributed = cost.snapshot().attributed.get(model.name, 0.0) - before
     idle = cost.idle_watts
@@ -109,6 +124,68 @@ def profile_served(
             "postprocess": statistics.median(post),
         },
     )
+
+
+class _ThreadRotation:
+    """Runs each call on the next of ``threads`` threads in turn, as a node's gRPC pool spreads
+    its requests (1: on the caller's thread). A thread-handoff costs the caller, not the call."""
+
+    def __init__(self, fn: Callable[[], Any], threads: int) -> None:
+        self._fn = fn
+        self._next = 0
+        self._slots: list[_Slot] = []
+        self.threads = threads if threads > 1 else 0
+        """Threads of its own (0: calls run on the caller's)."""
+        self._threads: list[threading.Thread] = []
+        for k in range(self.threads):
+            slot = _Slot()
+            thread = threading.Thread(target=self._serve, args=(slot,), daemon=True, name=f"profile-{k}")
+            thread.start()
+            self._slots.append(slot)
+            self._threads.append(thread)
+
+    def _serve(self, slot: _Slot) -> None:
+        while True:
+            slot.go.acquire()
+            if slot.stop:
+                return
+            try:
+                slot.result, slot.error = self._fn(), None
+            except BaseException as exc:
+                slot.result, slot.error = None, exc
+            slot.done.release()
+
+    def __call__(self) -> Any:
+        if not self._slots:
+            return self._fn()
+        slot = self._slots[self._next % len(self._slots)]
+        self._next += 1
+        slot.go.release()
+        slot.done.acquire()
+        if slot.error is not None:
+            raise slot.error
+        return slot.result
+
+    def close(self) -> None:
+        for slot in self._slots:
+            slot.stop = True
+            slot.go.release()
+        for thread in self._threads:
+            thread.join(timeout=5)
+
+
+class _Slot:
+    """One rotation thread's hand-over: ``go`` starts a call, ``done`` says it returned."""
+
+    __slots__ = ("done", "error", "go", "result", "stop")
+
+    def __init__(self) -> None:
+        self.go, self.done = threading.Lock(), threading.Lock()
+        self.go.acquire()
+        self.done.acquire()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.stop = False
 
 
 # ---------------------------------------------------------------- the command
@@ -133,6 +210,18 @@ def register(subparsers: Any) -> None:
         type=float,
         default=2.0,
         help="run at least this long when energy is measured (default: 2)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=8,
+        help="threads the calls rotate over, as a node's requests do over its gRPC pool (default: 8)",
+    )
+    p.add_argument(
+        "--gap-ms",
+        type=float,
+        default=0.5,
+        help="pause between calls, as a client's round trip leaves between requests (default: 0.5)",
     )
     p.add_argument(
         "--shape", action="append", default=[], metavar="NAME=DxDx..", help="input shape (repeatable)"
@@ -160,6 +249,8 @@ def _profile_command(args: argparse.Namespace) -> int:
         shapes = parse_shapes(args.shape)
         if args.runs < 1:
             raise ValueError(f"--runs: must be >= 1, got {args.runs}")
+        if args.threads < 1 or not args.gap_ms >= 0:
+            raise ValueError(f"--threads must be >= 1 and --gap-ms >= 0, got {args.threads}, {args.gap_ms}")
         models = scan_models(args.models)
         if args.model:
             unknown = sorted(set(args.model) - {m.name for m in models})
@@ -206,6 +297,8 @@ def _profile_command(args: argparse.Namespace) -> int:
                                 idle_s=args.idle_seconds,
                                 min_duration_s=args.min_seconds if cost.measured else 0.0,
                                 on_run=advance,
+                                threads=args.threads,
+                                gap_s=args.gap_ms / 1e3,
                             )
                         )
                 except (ValueError, RuntimeError) as exc:
