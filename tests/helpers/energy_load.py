@@ -53,10 +53,17 @@ class ClientsRun:
     clients: int
     energy_mj: list[float]
     compute_ms: list[float]
+    dynamic_j: float = 0.0
+    """The source's counter over this phase minus idle (measured with the load off) x its time."""
 
     @property
     def mean_mj(self) -> float:
         return statistics.fmean(self.energy_mj)
+
+    @property
+    def dynamic_mj_per_request(self) -> float:
+        """What one request of this phase really cost, by the counter (not by the meter)."""
+        return 1e3 * self.dynamic_j / len(self.energy_mj)
 
     @property
     def cv(self) -> float:
@@ -88,7 +95,12 @@ class EnergyRun:
     def summary(self) -> dict[str, Any]:
         out = asdict(self)
         for phase, run in zip(out["phases"], self.phases, strict=True):
-            phase.update(mean_mj=run.mean_mj, cv=run.cv, requests=len(run.energy_mj))
+            phase.update(
+                mean_mj=run.mean_mj,
+                cv=run.cv,
+                requests=len(run.energy_mj),
+                dynamic_mj_per_request=run.dynamic_mj_per_request,
+            )
             del phase["energy_mj"], phase["compute_ms"]
         out.update(dynamic_j=self.dynamic_j, sum_error=self.sum_error)
         return out
@@ -128,7 +140,10 @@ def measure_energy(
     phases = []
     for n in clients:
         run_clients(node.address, model, array, n, warmup_s)  # the running figure settles
-        phases.append(run_clients(node.address, model, array, n, seconds))
+        j0, t0 = source.joules(), time.monotonic()
+        phase = run_clients(node.address, model, array, n, seconds)
+        phase.dynamic_j = source.joules() - j0 - idle_w * (time.monotonic() - t0)
+        phases.append(phase)
     time.sleep(max(0.6, 5 * node.cost.interval_s))  # the last intervals close
     after = node.cost.snapshot()
     return EnergyRun(

@@ -1,13 +1,14 @@
 """Attributed energy through a real node, with an energy counter that steps coarsely like NVML.
 
 The counter is the only fake: it reads this process's CPU time (so it moves with the work the
-node really does) plus a fixed idle draw, and updates only every 250 ms. Everything else is
+node really does) plus a fixed idle draw, and updates only every 100 ms. Everything else is
 the product path: gRPC on loopback, validation, the model's queue, ONNX Runtime, the cost meter.
-Over a 30 s run (15 s with one client, 15 s with four):
+Over a 30 s run (2 s warm-up + 13 s with one client, the same with four):
 
 - Σ attributed energy = the counter's delta minus idle power x time, within 10 %
   (idle measured from the counter with the load off);
-- a request of a fixed model costs the same (±15 %) with one client and with four;
+- a request of a fixed model is charged what it costs (±15 %) with one client and with four:
+  each phase's replies against the counter's own delta over that phase;
 - the replies' per-request figures vary little (coefficient of variation <= 25 %).
 """
 
@@ -74,4 +75,11 @@ def test_attributed_energy_adds_up_and_is_the_same_under_concurrency(tmp_path: P
     for phase in (one, four):
         assert all(mj > 0 for mj in phase.energy_mj), f"{phase.clients} client(s): a reply carried no energy"
         assert phase.cv <= 0.25, f"{phase.clients} client(s): per-request energy CV {phase.cv:.2f}"
-    assert four.mean_mj == pytest.approx(one.mean_mj, rel=0.15)
+    # Nothing counted twice: each phase's replies carry what its requests cost by the counter
+    # (±15 %), so with four clients a request is charged what it costs with one. On this 2-core
+    # VM four clients make a request's CPU time itself grow (65 vs 56 mJ by the counter once),
+    # so the two means are compared through what the counter says each phase cost.
+    for phase in (one, four):
+        assert phase.mean_mj == pytest.approx(phase.dynamic_mj_per_request, rel=0.15), run.summary()
+    charged = [phase.mean_mj / phase.dynamic_mj_per_request for phase in (one, four)]
+    assert charged[1] == pytest.approx(charged[0], rel=0.15), run.summary()
