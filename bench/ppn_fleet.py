@@ -91,8 +91,10 @@ def start_fleet(tree: ProcessTree, work: Path, layout: Layout, log_level: str) -
              "--listen", f"127.0.0.1:{port}", "--node-id", f"{layout.name}-{i}"],
         )  # fmt: skip
         nodes.append((f"127.0.0.1:{port}", device, proc))
-    for address, _, proc in nodes:
-        wait_grpc_ready(address, timeout=600, process=proc)
+    for (address, _, proc), (_, models) in zip(nodes, layout.nodes, strict=True):
+        wait_grpc_ready(address, timeout=600, process=proc)  # every model has finished loading
+        for model in models:  # and each of them serves (a model that failed to load does not)
+            wait_grpc_ready(address, service=model.name, timeout=5, process=proc)
     fleet = work / f"{layout.name}-fleet.yaml"
     fleet.write_text(
         "coordinator: {overhead_ms: 5, probe_interval_s: 2, expert_timeout_ms: 120000,"

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 METADATA_FILE = "moesaic.json"
 _DEFAULT_FILES = ("model.pt2", "model.ts", "model.pt")
+_EXPORT_LOAD = threading.Lock()
+"""``torch.export.load`` keeps its deserializer in a global: two programs loaded at once (a node
+loads its models on a thread each) fail with "_CURRENT_DESERIALIZER is already set"."""
 
 
 class TorchEngineConfig(EngineConfig):
@@ -164,7 +167,8 @@ class TorchEngine(Engine):
         extra = {METADATA_FILE: ""}
         try:
             if path.suffix == ".pt2":
-                program = torch.export.load(str(path), extra_files=extra)
+                with _EXPORT_LOAD:
+                    program = torch.export.load(str(path), extra_files=extra)
                 self._format = "torch.export"
                 model = program.module()
             else:

@@ -6,7 +6,9 @@ The lifecycle contract shared with the other backends is in test_engine_contract
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -49,6 +51,36 @@ def test_export_program_without_metadata_reads_the_graph(tmp_path: Path) -> None
         assert [(s.name, s.shape) for s in desc.outputs] == [("output0", (-1, 4, 8, 8)), ("output1", (-1, 4))]
         out = engine.infer({"x": np.ones((2, 3, 8, 8), np.float32)})
     assert out["output1"].shape == (2, 4)
+
+
+def test_export_programs_load_on_threads_at_once(tmp_path: Path) -> None:
+    """A node loads its models on a thread each; torch.export's deserializer is global."""
+    folders = []
+    for i in range(4):
+        folders.append(tmp_path / f"m{i}")
+        folders[-1].mkdir()
+        write_torch_conv_model(folders[-1], "export")
+    engines = [create_engine({"type": "torch", "device": "cpu"}, folder) for folder in folders]
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def load(engine: Any) -> None:
+        start.wait()
+        try:
+            engine.load()
+        except BaseException as exc:  # collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    x = np.ones((1, 3, 8, 8), np.float32)
+    for engine in engines:
+        assert engine.infer({"images": x})["pooled"].shape == (1, 4)
+        engine.close()
 
 
 def test_torchscript_without_metadata_needs_declared_io(tmp_path: Path) -> None:
