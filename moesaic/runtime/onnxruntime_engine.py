@@ -126,6 +126,7 @@ class OnnxRuntimeEngine(Engine):
         self._device = "cpu"
         self._ort: Any = None
         self._run: Any = None
+        self._run_options: Any = None
         self._required: frozenset[str] = frozenset()
 
     # -------------------------------------------------------------- lifecycle
@@ -210,6 +211,7 @@ class OnnxRuntimeEngine(Engine):
         native = getattr(session, "_sess", None)
         cpu_only = session.get_providers() == [CPU]
         self._run = native.run if cpu_only and native is not None else session.run
+        self._run_options = ort.RunOptions()  # one for every call: None would build one per call
         self._required = frozenset(s.name for s in self._inputs)
         self._session = session
 
@@ -285,7 +287,7 @@ class OnnxRuntimeEngine(Engine):
                 return binding.run(feed)
             if not self._required <= feed.keys():
                 raise ValueError("required inputs missing")  # check_inputs below names them
-            results = self._run(self._output_names, feed, None)
+            results = self._run(self._output_names, feed, self._run_options)
         except self._ort.capi.onnxruntime_pybind11_state.InvalidArgument as exc:
             raise ValueError(f"{self.path.parent.name}: {exc}") from None
         except Exception as exc:
