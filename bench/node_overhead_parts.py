@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.node_overhead import CHUNK, INFER, OPTIONS, measure, server_process, write_model  # noqa: E402
 from moesaic.fleet import free_port  # noqa: E402
-from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_request  # noqa: E402
+from moesaic.nodes.codec import encode_request  # noqa: E402
+from moesaic.nodes.wire import RAW_INPUT_FIELD  # noqa: E402
 
 VARIANTS = ("echo", "server", "codec", "plane", "node")
 

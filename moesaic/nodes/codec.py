@@ -5,7 +5,8 @@ Tensor bytes never go through protobuf message objects: on decode, the raw tenso
 ``memoryview`` slices and read with ``np.frombuffer``; only the small header (names, shapes,
 parameters) is parsed by protobuf. On encode the header is serialised by protobuf and the
 tensor buffers are appended as length-delimited fields. The wire format is exactly KServe's,
-so tritonclient and any KServe v2 server interoperate.
+so tritonclient and any KServe v2 server interoperate; the field-level reading and writing is
+:mod:`moesaic.nodes.wire`.
 
 >>> data = encode_request("toy", {"x": np.arange(3, dtype=np.float32)})
 >>> header, raws = split_message(data, RAW_INPUT_FIELD)
@@ -19,18 +20,34 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from moesaic.errors import InvalidInput
+from moesaic.nodes.wire import (
+    DOUBLE,
+    DOUBLE_PREFIX,
+    PARAMETER_FIELDS,
+    RAW_INPUT_FIELD,
+    RAW_OUTPUT_FIELD,
+    RAW_TAGS,
+    Buffer,
+    cached_string_field,
+    double_prefix,
+    encode_varint,
+    output_field,
+    parameter_field,
+    raw_fields,
+    remember,
+    split_message,
+    string_field,
+)
 from moesaic.proto import inference_pb2
 from moesaic.runtime.engine import DATATYPES, datatype_of
 
 __all__ = [
-    "RAW_INPUT_FIELD",
-    "RAW_OUTPUT_FIELD",
     "ReplyWriter",
     "decode_request",
     "decode_response",
@@ -38,225 +55,18 @@ __all__ = [
     "deserialize_bytes_tensor",
     "encode_request",
     "encode_response",
-    "encode_varint",
     "from_parameters",
-    "raw_spans",
     "serialize_bytes_tensor",
     "set_parameters",
-    "split_message",
     "tensor_from_contents",
     "tensor_to_contents",
 ]
 
-RAW_INPUT_FIELD = 7  # ModelInferRequest.raw_input_contents
-RAW_OUTPUT_FIELD = 6  # ModelInferResponse.raw_output_contents
-_RAW_TAGS = {RAW_INPUT_FIELD: b"\x3a", RAW_OUTPUT_FIELD: b"\x32"}  # field number << 3 | 2
-
-Buffer = bytes | bytearray | memoryview
-
-
-# ---------------------------------------------------------------- wire helpers
-
-
-def _varint(data: Buffer, pos: int) -> tuple[int, int]:
-    b = data[pos]
-    if b < 0x80:
-        return b, pos + 1
-    result = b & 0x7F
-    shift = 7
-    pos += 1
-    while True:
-        b = data[pos]
-        result |= (b & 0x7F) << shift
-        pos += 1
-        if b < 0x80:
-            return result, pos
-        shift += 7
-        if shift > 63:
-            raise InvalidInput("malformed message: varint too long")
-
-
-_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
-
-
-def encode_varint(value: int) -> bytes:
-    """``value`` (>= 0) as a protobuf varint."""
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def split_message(data: Buffer, raw_field: int) -> tuple[bytes, list[memoryview]]:
-    """Split serialised message bytes into (header bytes, raw tensor slices of ``raw_field``).
-
-    The slices are views of ``data``, in order; the header holds every other field.
-    """
-    view = memoryview(data)
-    if view.format != "B" or view.ndim != 1:
-        view = view.cast("B")
-    buf: Buffer = data if type(data) is bytes else view  # indexing bytes is the fastest
-    n = len(view)
-    pos = 0
-    run_start = 0
-    runs: list[memoryview] = []
-    raws: list[memoryview] = []
-    try:
-        while pos < n:
-            start = pos
-            tag = buf[pos]  # one-byte tags and lengths inline; longer varints through _varint
-            if tag < 0x80:
-                pos += 1
-            else:
-                tag, pos = _varint(buf, pos)
-            wire = tag & 7
-            if wire == 2:
-                length = buf[pos]
-                if length < 0x80:
-                    pos += 1
-                else:
-                    length, pos = _varint(buf, pos)
-                end = pos + length
-                if end > n:
-                    raise InvalidInput("malformed message: field runs past the end")
-                if tag >> 3 == raw_field:
-                    if run_start < start:
-                        runs.append(view[run_start:start])
-                    raws.append(view[pos:end])
-                    run_start = end
-                pos = end
-            elif wire == 0:
-                _, pos = _varint(buf, pos)
-            elif wire == 1:
-                pos += 8
-            elif wire == 5:
-                pos += 4
-            else:
-                raise InvalidInput(f"malformed message: wire type {wire}")
-    except IndexError:
-        raise InvalidInput("malformed message: truncated") from None
-    if pos != n:
-        raise InvalidInput("malformed message: truncated")
-    if not raws:
-        return bytes(view), raws
-    if run_start < n:
-        runs.append(view[run_start:n])
-    header = runs[0].tobytes() if len(runs) == 1 else b"".join(runs)
-    return header, raws
-
-
-def raw_spans(data: Buffer, raw_field: int) -> list[tuple[int, int]]:
-    """(start, end) byte offsets of the payloads of ``raw_field`` in well-formed message bytes."""
-    view = memoryview(data).cast("B") if not isinstance(data, bytes) else data
-    n, pos, spans = len(view), 0, []
-    while pos < n:
-        tag, pos = _varint(view, pos)
-        wire = tag & 7
-        if wire == 2:
-            length, pos = _varint(view, pos)
-            if tag >> 3 == raw_field:
-                spans.append((pos, pos + length))
-            pos += length
-        elif wire == 0:
-            _, pos = _varint(view, pos)
-        else:
-            pos += 8 if wire == 1 else 4
-    return spans
-
-
-def _raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
-    tag = _RAW_TAGS.get(raw_field) or encode_varint((raw_field << 3) | 2)
-    parts: list[Buffer] = []
-    for buf in buffers:
-        n = len(buf) if type(buf) is bytes else memoryview(buf).nbytes
-        parts.append(tag + (_ONE_BYTE[n] if n < 0x80 else encode_varint(n)))
-        parts.append(buf)
-    return parts
-
-
-# Encoded fields that repeat from reply to reply (model names, output tensor headers, parameter
-# keys), each cache bounded so that unusual traffic cannot grow it without end.
-_CACHE_LIMIT = 1024
-_INT64_LIMIT = 1 << 63
-_STRING_FIELDS: dict[tuple[bytes, str], bytes] = {}
+# Encoded output headers that repeat from reply to reply, each cache bounded (by
+# :func:`~moesaic.nodes.wire.remember`) so that unusual traffic cannot grow it without end.
 _OUTPUT_FIELDS: dict[tuple[str, str, tuple[int, ...]], bytes] = {}
 _REPLY_OUTPUTS: dict[tuple[str, np.dtype[Any], tuple[int, ...]], bytes] = {}  # + raw tag, length
-_DOUBLE_PREFIX: dict[str, bytes] = {}  # parameter entry up to its 8 value bytes, by key
-_PARAMETER_FIELDS: dict[tuple[str, type, Any], bytes] = {}  # whole bool / str entries
 _DATATYPE_OF: dict[np.dtype[Any], str] = {np.dtype(t): name for name, t in DATATYPES.items()}
-_DOUBLE = struct.Struct("<d").pack
-
-
-def _remember(cache: dict[Any, bytes], key: Any, value: bytes) -> bytes:
-    if len(cache) >= _CACHE_LIMIT:
-        cache.clear()
-    cache[key] = value
-    return value
-
-
-def _delimited(tag: bytes, payload: bytes) -> bytes:
-    """A length-delimited field: ``tag``, length, ``payload``."""
-    n = len(payload)
-    return tag + (_ONE_BYTE[n] if n < 0x80 else encode_varint(n)) + payload
-
-
-def _string_field(tag: bytes, value: str) -> bytes:
-    return _delimited(tag, value.encode())
-
-
-def _cached_string_field(tag: bytes, value: str) -> bytes:
-    field = _STRING_FIELDS.get((tag, value))
-    return field if field is not None else _remember(_STRING_FIELDS, (tag, value), _string_field(tag, value))
-
-
-def _int64_bytes(value: int) -> bytes:
-    """Varint of a protobuf int64 (negative numbers as their 64-bit two's complement)."""
-    if not -_INT64_LIMIT <= value < _INT64_LIMIT:
-        raise InvalidInput(f"value {value} is out of range for int64")
-    return encode_varint(value + (1 << 64) if value < 0 else value)
-
-
-def _output_field(name: str, datatype: str, shape: tuple[int, ...]) -> bytes:
-    """``outputs`` field of a response: one ``InferOutputTensor`` (name, datatype, shape)."""
-    tensor = _string_field(b"\x0a", name) + _string_field(b"\x12", datatype)
-    if shape:
-        packed = bytes(shape) if max(shape) < 0x80 else b"".join(map(encode_varint, shape))
-        tensor += _delimited(b"\x1a", packed)
-    return _delimited(b"\x2a", tensor)
-
-
-def _parameter_field(tag: bytes, key: str, value: Any) -> bytes:
-    """One ``map<string, InferParameter>`` entry, typed as :func:`set_parameters` types it."""
-    if type(value) is float:  # the common case: a cached prefix and the 8 value bytes
-        prefix = _DOUBLE_PREFIX.get(key)
-        if prefix is None:
-            entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
-            prefix = _remember(_DOUBLE_PREFIX, key, tag + encode_varint(len(entry) + 8) + entry)
-        return prefix + _DOUBLE(value)
-    if type(value) is int and 0 <= value < 1024:  # small counts (queue depth): whole entry cached
-        field = _PARAMETER_FIELDS.get((key, int, value))
-        if field is None:
-            param = b"\x10" + _int64_bytes(value)
-            entry = _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
-            field = _remember(_PARAMETER_FIELDS, (key, int, value), entry)
-        return field
-    if isinstance(value, bool):
-        param = b"\x08\x01" if value else b"\x08\x00"
-    elif isinstance(value, int):
-        param = b"\x10" + _int64_bytes(value)
-    elif isinstance(value, float):
-        param = b"\x21" + _DOUBLE(value)
-    else:
-        text = str(value)
-        field = _PARAMETER_FIELDS.get((key, str, text))
-        if field is None:
-            param = _string_field(b"\x1a", text)
-            entry = _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
-            field = _remember(_PARAMETER_FIELDS, (key, str, text), entry) if len(text) <= 64 else entry
-        return field
-    return _delimited(tag, _string_field(b"\x0a", key) + _delimited(b"\x12", param))
 
 
 # ---------------------------------------------------------------- tensors
@@ -429,7 +239,7 @@ def encode_request(
         buffers.append(_tensor_bytes(array))
     for name in outputs:
         req.outputs.add(name=name)
-    return b"".join([req.SerializeToString(), *_raw_fields(RAW_INPUT_FIELD, buffers)])
+    return b"".join([req.SerializeToString(), *raw_fields(RAW_INPUT_FIELD, buffers)])
 
 
 def decode_request(data: Buffer) -> tuple[Any, list[memoryview]]:
@@ -454,39 +264,30 @@ def encode_response(
     """
     parts: list[Buffer] = []
     if model:
-        parts.append(_cached_string_field(b"\x0a", model))
+        parts.append(cached_string_field(b"\x0a", model))
     if model_version:
-        parts.append(_cached_string_field(b"\x12", model_version))
+        parts.append(cached_string_field(b"\x12", model_version))
     if request_id:
-        parts.append(_string_field(b"\x1a", request_id))
+        parts.append(string_field(b"\x1a", request_id))
     if parameters:
-        doubles = _DOUBLE_PREFIX
+        doubles = DOUBLE_PREFIX
         for key, value in parameters.items():
             prefix = doubles.get(key) if type(value) is float else None
             if prefix is not None:  # inline the common case: a cached prefix and 8 value bytes
-                parts += (prefix, _DOUBLE(value))
+                parts += (prefix, DOUBLE(value))
             else:
-                parts.append(_parameter_field(b"\x22", key, value))
+                parts.append(parameter_field(b"\x22", key, value))
     buffers = []
     for name, array in outputs.items():
         datatype = _DATATYPE_OF.get(array.dtype) or datatype_of(array.dtype)
         shape = array.shape
         field = _OUTPUT_FIELDS.get((name, datatype, shape))
         if field is None:
-            field = _remember(_OUTPUT_FIELDS, (name, datatype, shape), _output_field(name, datatype, shape))
+            field = remember(_OUTPUT_FIELDS, (name, datatype, shape), output_field(name, datatype, shape))
         parts.append(field)
         buffers.append(_tensor_bytes(array))
-    parts += _raw_fields(RAW_OUTPUT_FIELD, buffers)
+    parts += raw_fields(RAW_OUTPUT_FIELD, buffers)
     return b"".join(parts)
-
-
-def _double_prefix(key: str) -> bytes:
-    """A double parameter's map entry up to its 8 value bytes."""
-    prefix = _DOUBLE_PREFIX.get(key)
-    if prefix is None:
-        entry = _string_field(b"\x0a", key) + b"\x12\x09\x21"
-        prefix = _remember(_DOUBLE_PREFIX, key, b"\x22" + encode_varint(len(entry) + 8) + entry)
-    return prefix
 
 
 class ReplyWriter:
@@ -514,10 +315,10 @@ class ReplyWriter:
         counts: Sequence[str] = (),
         fixed: Mapping[str, Any] | None = None,
     ) -> None:
-        head = _string_field(b"\x0a", model) if model else b""
-        head += _string_field(b"\x12", model_version) if model_version else b""
-        head += b"".join(_parameter_field(b"\x22", k, v) for k, v in (fixed or {}).items())
-        consts = [_double_prefix(key) for key in doubles]
+        head = string_field(b"\x0a", model) if model else b""
+        head += string_field(b"\x12", model_version) if model_version else b""
+        head += b"".join(parameter_field(b"\x22", k, v) for k, v in (fixed or {}).items())
+        consts = [double_prefix(key) for key in doubles]
         if consts:
             consts[0] = head + consts[0]
             self._pack = struct.Struct("<" + "".join(f"{len(c)}sd" for c in consts)).pack
@@ -539,8 +340,8 @@ class ReplyWriter:
         args[1::2] = doubles
         parts: list[Any] = [self._pack(*args)]
         for key, value in zip(self._counts, counts, strict=True):
-            field = _PARAMETER_FIELDS.get((key, int, value))
-            parts.append(field if field is not None else _parameter_field(b"\x22", key, value))
+            field = PARAMETER_FIELDS.get((key, int, value))
+            parts.append(field if field is not None else parameter_field(b"\x22", key, value))
         for name, array in outputs.items():
             # each output's header, then its raw field (tag, length, the array's own bytes)
             field = _REPLY_OUTPUTS.get((name, array.dtype, array.shape))
@@ -555,15 +356,15 @@ class ReplyWriter:
         buffers = []
         for name, array in outputs.items():
             datatype = _DATATYPE_OF.get(array.dtype) or datatype_of(array.dtype)
-            header = _output_field(name, datatype, array.shape)
+            header = output_field(name, datatype, array.shape)
             parts.append(header)
             buffers.append(_tensor_bytes(array))
             if datatype != "BYTES" and array.dtype in _DATATYPE_OF and array.dtype.byteorder != ">":
                 # the output's header, then its raw field's tag and length: the same for
                 # every array of this name, dtype and shape
-                raw_head = _RAW_TAGS[RAW_OUTPUT_FIELD] + encode_varint(array.nbytes)
-                _remember(_REPLY_OUTPUTS, (name, array.dtype, array.shape), header + raw_head)
-        parts += _raw_fields(RAW_OUTPUT_FIELD, buffers)
+                raw_head = RAW_TAGS[RAW_OUTPUT_FIELD] + encode_varint(array.nbytes)
+                remember(_REPLY_OUTPUTS, (name, array.dtype, array.shape), header + raw_head)
+        parts += raw_fields(RAW_OUTPUT_FIELD, buffers)
         return b"".join(parts)
 
 

@@ -27,10 +27,11 @@ from typing import Any
 
 import numpy as np
 
-from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_request, encode_response
+from moesaic.nodes.codec import encode_request, encode_response
 from moesaic.nodes.dataplane import DataPlane, Stages
 from moesaic.nodes.served import ServedModel
 from moesaic.nodes.validation import RequestValidator
+from moesaic.nodes.wire import RAW_INPUT_FIELD
 from moesaic.runtime.profiler import LatencyQuantiles, ProfileRecord
 
 __all__ = ["profile_served", "register"]

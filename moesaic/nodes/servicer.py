@@ -1,7 +1,7 @@
 """gRPC adapters of the node: KServe v2 ``inference.GRPCInferenceService`` and ``moesaic.v1.Node``.
 
 ``ModelInfer`` is registered with no protobuf (de)serialiser: it receives the request's wire
-bytes, cuts the tensors out as ``memoryview`` slices (:mod:`moesaic.nodes.codec`), reads them
+bytes, cuts the tensors out as ``memoryview`` slices (:mod:`moesaic.nodes.wire`), reads them
 with ``np.frombuffer`` (validated by :mod:`moesaic.nodes.validation`), hands them to the
 transport-free :class:`~moesaic.nodes.dataplane.DataPlane` with the call's deadline (the gRPC
 deadline or the ``deadline_ms`` parameter, whichever is earlier) and writes the reply the same
@@ -32,12 +32,13 @@ import grpc
 from moesaic import __version__
 from moesaic.errors import InvalidInput, NotFound, Unavailable
 from moesaic.metrics import Metrics
-from moesaic.nodes.codec import RAW_INPUT_FIELD, ReplyWriter, encode_response
+from moesaic.nodes.codec import ReplyWriter, encode_response
 from moesaic.nodes.dataplane import DataPlane
 from moesaic.nodes.lifecycle import ModelLifecycle
 from moesaic.nodes.served import ServedModel
 from moesaic.nodes.shm import SharedMemory
 from moesaic.nodes.validation import Decoded, RequestValidator
+from moesaic.nodes.wire import RAW_INPUT_FIELD
 from moesaic.proto import inference_pb2, moesaic_pb2, moesaic_pb2_grpc
 from moesaic.rpc import abort, status_of
 from moesaic.runtime.devices import DeviceInfo

@@ -47,7 +47,7 @@ import grpc
 import numpy as np
 
 from moesaic.errors import InvalidInput, NotFound, quote
-from moesaic.nodes.codec import encode_varint
+from moesaic.nodes.wire import encode_varint
 from moesaic.proto import inference_pb2
 from moesaic.rpc import abort
 from moesaic.runtime import cuda_ipc

@@ -27,15 +27,10 @@ import numpy as np
 from google.protobuf.message import DecodeError
 
 from moesaic.errors import InvalidInput, quote
-from moesaic.nodes.codec import (
-    decode_tensor,
-    from_parameters,
-    raw_spans,
-    split_message,
-    tensor_from_contents,
-)
+from moesaic.nodes.codec import decode_tensor, from_parameters, tensor_from_contents
 from moesaic.nodes.served import ServedModel
 from moesaic.nodes.shm import RegionRef, SharedMemory, region_ref
+from moesaic.nodes.wire import raw_spans, split_message
 from moesaic.proto import inference_pb2
 
 __all__ = ["DEADLINE_PARAMETER", "Decoded", "RequestValidator", "validate_inputs"]

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 
 from moesaic.nodes.codec import (
-    RAW_INPUT_FIELD,
-    RAW_OUTPUT_FIELD,
     ReplyWriter,
     decode_request,
     decode_response,
@@ -15,12 +13,11 @@ from moesaic.nodes.codec import (
     deserialize_bytes_tensor,
     encode_request,
     encode_response,
-    raw_spans,
     serialize_bytes_tensor,
-    split_message,
     tensor_from_contents,
     tensor_to_contents,
 )
+from moesaic.nodes.wire import RAW_INPUT_FIELD, RAW_OUTPUT_FIELD, raw_spans, split_message
 from moesaic.proto import inference_pb2
 
 ARRAYS: dict[str, np.ndarray] = {

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from moesaic.errors import InvalidInput, Unavailable
-from moesaic.nodes.codec import RAW_INPUT_FIELD, encode_request
+from moesaic.nodes.codec import encode_request
 from moesaic.nodes.repository import scan_models
 from moesaic.nodes.served import ServedModel
 from moesaic.nodes.validation import RequestValidator
+from moesaic.nodes.wire import RAW_INPUT_FIELD
 from moesaic.proto import inference_pb2
 from moesaic.runtime.devices import discover_device
 from tests.helpers.onnx_models import write_identity_model
