@@ -28,7 +28,7 @@ import numpy as np
 from moesaic.errors import InvalidInput
 from moesaic.nodes.wire import (
     DOUBLE,
-    DOUBLE_PREFIX,
+    DOUBLE_PREFIXES,
     PARAMETER_FIELDS,
     RAW_INPUT_FIELD,
     RAW_OUTPUT_FIELD,
@@ -270,7 +270,7 @@ def encode_response(
     if request_id:
         parts.append(string_field(b"\x1a", request_id))
     if parameters:
-        doubles = DOUBLE_PREFIX
+        doubles = DOUBLE_PREFIXES
         for key, value in parameters.items():
             prefix = doubles.get(key) if type(value) is float else None
             if prefix is not None:  # inline the common case: a cached prefix and 8 value bytes

@@ -25,7 +25,7 @@ from moesaic.errors import InvalidInput
 
 __all__ = [
     "DOUBLE",
-    "DOUBLE_PREFIX",
+    "DOUBLE_PREFIXES",
     "PARAMETER_FIELDS",
     "RAW_INPUT_FIELD",
     "RAW_OUTPUT_FIELD",
@@ -180,7 +180,7 @@ def raw_fields(raw_field: int, buffers: Iterable[Buffer]) -> list[Buffer]:
 _CACHE_LIMIT = 1024
 _INT64_LIMIT = 1 << 63
 _STRING_FIELDS: dict[tuple[bytes, str], bytes] = {}
-DOUBLE_PREFIX: dict[str, bytes] = {}  # parameter entry up to its 8 value bytes, by key
+DOUBLE_PREFIXES: dict[str, bytes] = {}  # parameter entry up to its 8 value bytes, by key
 PARAMETER_FIELDS: dict[tuple[str, type, Any], bytes] = {}  # whole bool / str entries
 DOUBLE = struct.Struct("<d").pack
 
@@ -230,10 +230,10 @@ def parameter_field(tag: bytes, key: str, value: Any) -> bytes:
     """One ``map<string, InferParameter>`` entry, typed as
     :func:`~moesaic.nodes.codec.set_parameters` types it."""
     if type(value) is float:  # the common case: a cached prefix and the 8 value bytes
-        prefix = DOUBLE_PREFIX.get(key)
+        prefix = DOUBLE_PREFIXES.get(key)
         if prefix is None:
             entry = string_field(b"\x0a", key) + b"\x12\x09\x21"
-            prefix = remember(DOUBLE_PREFIX, key, tag + encode_varint(len(entry) + 8) + entry)
+            prefix = remember(DOUBLE_PREFIXES, key, tag + encode_varint(len(entry) + 8) + entry)
         return prefix + DOUBLE(value)
     if type(value) is int and 0 <= value < 1024:  # small counts (queue depth): whole entry cached
         field = PARAMETER_FIELDS.get((key, int, value))
@@ -261,8 +261,8 @@ def parameter_field(tag: bytes, key: str, value: Any) -> bytes:
 
 def double_prefix(key: str) -> bytes:
     """A double parameter's map entry up to its 8 value bytes."""
-    prefix = DOUBLE_PREFIX.get(key)
+    prefix = DOUBLE_PREFIXES.get(key)
     if prefix is None:
         entry = string_field(b"\x0a", key) + b"\x12\x09\x21"
-        prefix = remember(DOUBLE_PREFIX, key, b"\x22" + encode_varint(len(entry) + 8) + entry)
+        prefix = remember(DOUBLE_PREFIXES, key, b"\x22" + encode_varint(len(entry) + 8) + entry)
     return prefix

@@ -59,6 +59,7 @@ def test_profile_predicts_what_the_node_reports(tmp_path: Path) -> None:
         f"node {statistics.median(compute):.3f} ms, {statistics.median(energy):.2f} mJ; profile "
         f"{before.latency_ms.p50:.3f} / {after.latency_ms.p50:.3f} ms, {predicted_mj:.2f} mJ"
     )
+    print(seen)  # pytest -s: the figures of a passing run too
     # The issue's ±20 %. The profile's calls arrive as the node's requests do (a pool of
     # threads, a gap between calls): its p50 came within 4 % of the node's quiet and beside
     # three bursty processes, where a back-to-back loop on one thread once measured 2.4x
