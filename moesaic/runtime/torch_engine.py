@@ -50,6 +50,8 @@ _DEFAULT_FILES = ("model.pt2", "model.ts", "model.pt")
 _EXPORT_LOAD = threading.Lock()
 """``torch.export.load`` keeps its deserializer in a global: two programs loaded at once (a node
 loads its models on a thread each) fail with "_CURRENT_DESERIALIZER is already set"."""
+_CAPTURE = threading.Lock()
+"""One CUDA graph capture at a time in this process (see :meth:`TorchEngine._capture`)."""
 
 
 class TorchEngineConfig(EngineConfig):
@@ -383,8 +385,13 @@ class TorchEngine(Engine):
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # torch.cuda.graph's default capture stream is made once, on the first GPU to capture;
-        # an engine on another GPU needs a capture stream of its own device.
-        with torch.inference_mode(), torch.cuda.graph(graph, stream=torch.cuda.Stream(self._device)):
+        # an engine on another GPU needs a capture stream of its own device. A node loads its
+        # models on a thread each: in the default ("global") mode another model's warm-up or
+        # capture invalidates this one (cudaErrorStreamCaptureInvalidated, seen on an H200 with
+        # two large PPN models), so captures take turns and only this thread's calls are checked.
+        stream = torch.cuda.Stream(self._device)
+        capture = torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
+        with _CAPTURE, torch.inference_mode(), capture:
             dev_out = self._forward(dev_in)
         host_in = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in dev_in.items()}
         return _Graph(graph, dev_in, dev_out, host_in)

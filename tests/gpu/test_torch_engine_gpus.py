@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -65,3 +67,43 @@ def test_cuda_graphs_on_a_second_gpu_after_the_first(tmp_path: Path) -> None:
     finally:
         for engine in engines:
             engine.close()
+
+
+@needs_cuda
+def test_engines_capture_their_graphs_on_threads_at_once(tmp_path: Path) -> None:
+    """A node loads its models on a thread each: one engine's warm-up or capture must not
+    invalidate another's capture (cudaErrorStreamCaptureInvalidated with two large PPN models
+    on an H200 before captures took turns in thread-local mode)."""
+    size = 256  # kernels long enough for warm-ups and captures to overlap
+    folder = write_torch_conv_model(tmp_path / "conv", "export", size=size)
+    images = np.random.default_rng(2).random((4, 3, size, size), dtype=np.float32)
+    want = _expected(folder, images)
+    shapes = {"images": [4, 3, size, size]}
+    config = {"type": "torch", "device": "cuda:0", "cuda_graphs": True, "static_shapes": shapes}
+    for _ in range(3):
+        engines = [create_engine(config, folder) for _ in range(4)]
+        start = threading.Barrier(len(engines))
+        errors: list[BaseException] = []
+
+        def load(engine: Any, start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
+            start.wait()
+            try:
+                engine.load()
+            except BaseException as exc:  # collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(e,)) for e in engines]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        try:
+            assert errors == []
+            for engine in engines:
+                assert engine.describe().details["cuda_graphs"] == "on"
+                out = engine.infer({"images": images})
+                for name, expected in want.items():
+                    np.testing.assert_allclose(out[name], expected, rtol=1e-3, atol=1e-3)
+        finally:
+            for engine in engines:
+                engine.close()
