@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from moesaic.runtime.engine import create_engine  # noqa: E402
-from tests.helpers.torch_models import write_torch_conv_model  # noqa: E402
+from tests.helpers.torch_models import load_at_once, write_torch_conv_model  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -82,23 +80,8 @@ def test_engines_capture_their_graphs_on_threads_at_once(tmp_path: Path) -> None
     config = {"type": "torch", "device": "cuda:0", "cuda_graphs": True, "static_shapes": shapes}
     for _ in range(3):
         engines = [create_engine(config, folder) for _ in range(4)]
-        start = threading.Barrier(len(engines))
-        errors: list[BaseException] = []
-
-        def load(engine: Any, start: threading.Barrier = start, errors: list[BaseException] = errors) -> None:
-            start.wait()
-            try:
-                engine.load()
-            except BaseException as exc:  # collected for the assertion
-                errors.append(exc)
-
-        threads = [threading.Thread(target=load, args=(e,)) for e in engines]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
         try:
-            assert errors == []
+            assert load_at_once(engines) == []
             for engine in engines:
                 assert engine.describe().details["cuda_graphs"] == "on"
                 out = engine.infer({"images": images})

@@ -6,11 +6,13 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from moesaic.runtime.engine import TensorSpec
+from moesaic.runtime.engine import Engine, TensorSpec
 from moesaic.runtime.torch_engine import save_torch_model
 
 __all__ = [
@@ -18,6 +20,7 @@ __all__ = [
     "ADD_OUTPUTS",
     "AddNet",
     "ConvNet",
+    "load_at_once",
     "write_torch_add_model",
     "write_torch_conv_model",
     "write_torch_mlp_model",
@@ -127,3 +130,24 @@ def write_torch_conv_model(folder: Path, fmt: str, *, size: int = 8, metadata: b
         else:
             torch.export.save(program, str(path))
     return folder
+
+
+def load_at_once(engines: Sequence[Engine]) -> list[BaseException]:
+    """Load ``engines`` on a thread each, released together, as a node's loader does; the
+    errors they raised."""
+    start = threading.Barrier(len(engines))
+    errors: list[BaseException] = []
+
+    def load(engine: Engine) -> None:
+        start.wait()
+        try:
+            engine.load()
+        except BaseException as exc:  # collected for the caller's assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return errors

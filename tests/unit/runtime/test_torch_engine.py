@@ -6,9 +6,7 @@ The lifecycle contract shared with the other backends is in test_engine_contract
 from __future__ import annotations
 
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +14,7 @@ import torch
 
 from moesaic.runtime.engine import EngineError, MissingExtraError, create_engine, parse_engine_config
 from moesaic.runtime.torch_engine import TorchEngine, TorchEngineConfig
-from tests.helpers.torch_models import ConvNet, write_torch_conv_model
+from tests.helpers.torch_models import ConvNet, load_at_once, write_torch_conv_model
 
 torch.set_num_threads(1)
 pytestmark = pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
@@ -61,22 +59,7 @@ def test_export_programs_load_on_threads_at_once(tmp_path: Path) -> None:
         folders[-1].mkdir()
         write_torch_conv_model(folders[-1], "export")
     engines = [create_engine({"type": "torch", "device": "cpu"}, folder) for folder in folders]
-    start = threading.Barrier(len(engines))
-    errors: list[BaseException] = []
-
-    def load(engine: Any) -> None:
-        start.wait()
-        try:
-            engine.load()
-        except BaseException as exc:  # collected for the assertion
-            errors.append(exc)
-
-    threads = [threading.Thread(target=load, args=(e,)) for e in engines]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert load_at_once(engines) == []
     x = np.ones((1, 3, 8, 8), np.float32)
     for engine in engines:
         assert engine.infer({"images": x})["pooled"].shape == (1, 4)
