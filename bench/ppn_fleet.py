@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,34 +202,66 @@ def measure(address: str, scans: list[Any], frames: int, warmup: int, *, sequent
 
 
 def encoding_costs(model: Path, device: str, scans: list[Any]) -> dict[str, dict[str, float]]:
-    """The node's BEV encoding of each scan, measured where it runs (its processor, placed on
-    ``device``), beside what encoding once on the coordinator would cost: the same processor on
-    the CPU, and the stacked grid that would then cross the wire to each node instead of the scan."""
+    """The BEV encoding measured both ways: on the node (its processor, placed on ``device``:
+    what the product does) and once on the coordinator (the same processor on the CPU), which
+    would then send the stacked grid to each node instead of the scan: one gRPC call carrying
+    the grid's bytes to a server on loopback is timed for that."""
     from moesaic.runtime.processing import create_processor
 
     spec = yaml.safe_load((model / "model.yaml").read_text())
     points = [np.frombuffer(s.data, np.float32).reshape(-1, s.fields or 4)[:, :4].copy() for s in scans]
-    out = {}
-    for where in dict.fromkeys((device, "cpu")):
-        processor = create_processor(spec["processor"], model)
-        processor.place(where)
-        times = []
-        for i in range(40):
-            start = time.perf_counter()
-            grid = processor.preprocess({"points": points[i % len(points)]}, {"sensor_id": "x"})[0]
-            (tensor,) = grid.values()
-            if where.startswith("cuda"):
-                import torch
+    node = _encode(create_processor(spec["processor"], model), device, points)
+    coordinator = (
+        node if device == "cpu" else _encode(create_processor(spec["processor"], model), "cpu", points)
+    )
+    scan_bytes = float(np.mean([len(s.data) for s in scans]))
+    return {
+        f"node ({device})": {**node, "sent_bytes_per_node": scan_bytes},
+        "coordinator (cpu)": {
+            **coordinator,
+            "sent_bytes_per_node": coordinator["grid_bytes"],
+            "send_ms_per_node": loopback_send_ms(int(coordinator["grid_bytes"])),
+        },
+    }
 
-                torch.cuda.synchronize(where)
-            if i >= 10:
-                times.append((time.perf_counter() - start) * 1e3)
-        out["node " + where if where == device else "coordinator (cpu)"] = {
-            "p50_ms": statistics.median(times),
-            "scan_bytes": float(np.mean([len(s.data) for s in scans])),
-            "grid_bytes": float(tensor.nbytes),  # numpy's and torch's
-        }
-    return out
+
+def _encode(processor: Any, where: str, points: list[np.ndarray]) -> dict[str, float]:
+    processor.place(where)
+    times = []
+    for i in range(40):
+        start = time.perf_counter()
+        (tensor,) = processor.preprocess({"points": points[i % len(points)]}, {"sensor_id": "x"})[0].values()
+        if where.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize(where)
+        if i >= 10:
+            times.append((time.perf_counter() - start) * 1e3)
+    return {"p50_ms": statistics.median(times), "grid_bytes": float(tensor.nbytes)}  # numpy's and torch's
+
+
+def loopback_send_ms(nbytes: int, repeats: int = 10) -> float:
+    """p50 of one gRPC call carrying ``nbytes`` to a server on loopback that answers nothing."""
+    limit = nbytes + (1 << 20)
+    options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+    server = grpc.server(ThreadPoolExecutor(max_workers=2), options=options)
+    sink = grpc.unary_unary_rpc_method_handler(lambda request, context: b"")
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.Sink", {"Put": sink}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    payload = bytes(nbytes)
+    times = []
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+            put = channel.unary_unary("/bench.Sink/Put")
+            for i in range(repeats + 2):
+                start = time.perf_counter()
+                put(payload, timeout=120)
+                if i >= 2:
+                    times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        server.stop(0)
+    return statistics.median(times)
 
 
 def main() -> int:
