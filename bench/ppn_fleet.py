@@ -15,12 +15,13 @@ wire. Two fleets, started one after the other:
   ``--rec-device`` (two GPUs, one GPU twice, or GPU + CPU);
 - ``one node``: one node serves both models on ``--seg-device``: the sequential baseline.
 
-In each fleet, ``--frames`` frames are timed three ways: segmentation alone, reconstruction
-alone, both at once. A frame's time is the client's wall time until both replies are in:
-the nodes' replies come after their outputs were copied to the host, so the GPUs' work is
-finished (device-synchronized). Energy per frame is the sum of the replies' attributed
-energy, from the nodes' cost meters. The overlap bound is what perfect parallelism gives:
-(t_seg + t_rec) / max(t_seg, t_rec), from the one-node fleet's alone times.
+In each fleet, ``--frames`` frames are timed with segmentation alone, reconstruction alone
+and both at once; in the one-node fleet also one after the other: the sequential frame. A
+frame's time is the client's wall time until both replies are in: the nodes' replies come
+after their outputs were copied to the host, so the GPUs' work is finished
+(device-synchronized). Energy per frame is the sum of the replies' attributed energy, from the
+nodes' cost meters. The overlap bound is what perfect parallelism gives: a frame as fast as the
+split fleet's slower expert alone. The BEV encoding is timed both ways (:func:`encoding_costs`).
 
 Frames: the real KITTI and nuScenes scans (fixtures from ../shared/data/real, never shipped),
 alternated in one stream. Raw JSON: ``bench/results/ppn_fleet_<label>.json``.
@@ -105,8 +106,8 @@ def start_fleet(tree: ProcessTree, work: Path, layout: Layout, log_level: str) -
             f"  - {{address: '{a}', name: {layout.name}-{i}, device: '{d}'}}\n"
             for i, (a, d, _) in enumerate(nodes)
         )
-        + "".join(f"tasks:\n  {t}: {{input_kind: points}}\n" if j == 0 else f"  {t}: {{input_kind: points}}\n"
-                  for j, t in enumerate(TASKS))
+        + "tasks:\n"
+        + "".join(f"  {t}: {{input_kind: points}}\n" for t in TASKS)
     )  # fmt: skip
     port = free_port()
     proc = tree.spawn(
