@@ -61,18 +61,23 @@ def _output(part: ExpertOutput, name: str) -> np.ndarray:
 
 
 def _weighted_mean(parts: Sequence[ExpertOutput], name: str) -> np.ndarray:
+    """The weighted mean of one output over the experts, in FP32 (one expert's output as is:
+    a 1024x1024 BEV grid's probabilities are 20 MB, and copying them through FP64 cost more
+    than the expert's GPU run)."""
+    first = np.asarray(_output(parts[0], name), np.float32)
+    if len(parts) == 1:
+        return first
     w = _normalised(parts)
-    first = _output(parts[0], name).astype(np.float32)
-    total = np.zeros(first.shape, np.float64)
-    for wi, part in zip(w, parts, strict=True):
+    total = np.multiply(first, np.float32(w[0]))
+    for wi, part in zip(w[1:], parts[1:], strict=True):
         arr = _output(part, name)
         if arr.shape != first.shape:
             raise ValueError(
                 f"expert {part.expert_id}: {name} has shape {list(arr.shape)}, "
                 f"expected {list(first.shape)} like {parts[0].expert_id}"
             )
-        total += wi * arr.astype(np.float64)
-    return total.astype(np.float32)
+        total += np.float32(wi) * np.asarray(arr, np.float32)
+    return total
 
 
 def fuse_detections(
