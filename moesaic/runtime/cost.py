@@ -176,12 +176,17 @@ class CostMeter:
         an idle gap (which decays the count towards 0 while the next request's joules arrive
         before its completion) leaves the last figure standing. Before the model's first
         figure, the mean of the device's other models' figures stands in (0 before any).
+
+        The figure is never below 0: a GPU that drops to a deeper power state than the one its
+        idle was learned in draws less than "idle" while lightly loaded (seen on an H200 serving
+        one model a few percent of the time), and a negative charge is no request's cost. The
+        totals (:meth:`snapshot`) keep the signed sums, so they still add up to the counter.
         """
         figure = self._per_request.get(model)
-        if figure is not None:
-            return figure
-        figures = list(self._per_request.values())  # one C-level copy: the sampler may add one
-        return sum(figures) / len(figures) if figures else 0.0
+        if figure is None:
+            figures = list(self._per_request.values())  # one C-level copy: the sampler may add one
+            figure = sum(figures) / len(figures) if figures else 0.0
+        return max(figure, 0.0)
 
     @property
     def idle_watts(self) -> float:

@@ -293,3 +293,20 @@ def test_without_a_foreign_share_a_second_process_is_counted_twice() -> None:
     dynamic = (after[0].device_joules - snaps[0].device_joules) - 60.0 * (after[0].seconds - snaps[0].seconds)
     charged = sum(after[p].attributed_joules - snaps[p].attributed_joules for p in (0, 1))
     assert charged == pytest.approx(2 * dynamic, rel=0.10)
+
+
+def test_a_device_below_its_learnt_idle_charges_nothing_and_totals_keep_the_sign(
+    rig: tuple[CostMeter, SteppingCounter],
+) -> None:
+    """An H200 learns idle at one power state, then idles deeper between light requests: the
+    interval's dynamic energy is negative. A request is charged 0, not a negative figure; the
+    totals keep the signed sum, so they still add up to the counter."""
+    meter, counter = rig
+    _idle(meter, counter, 2.0)
+    assert meter.idle_watts == pytest.approx(60.0, rel=0.05)
+    counter.idle_w, counter.job_w = 40.0, 5.0  # deeper idle: busy draw 45 W < the learnt 60 W
+    _drive(meter, counter, jobs=1, seconds=2.0, job_s=0.1)
+    _idle(meter, counter, 0.2)
+    snap = meter.snapshot()
+    assert snap.attributed["m"] < 0
+    assert meter.energy_j("m") == 0.0
