@@ -21,7 +21,8 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ from moesaic.runtime.engine import (
 from moesaic.runtime.ort_binding import is_torch_cuda
 from moesaic.runtime.tensors import TensorSpecModel, check_inputs, concrete_shape
 
-__all__ = ["TorchEngine", "TorchEngineConfig", "save_torch_model"]
+__all__ = ["CUDA_GATE", "TorchEngine", "TorchEngineConfig", "save_torch_model"]
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,51 @@ _DEFAULT_FILES = ("model.pt2", "model.ts", "model.pt")
 _EXPORT_LOAD = threading.Lock()
 """``torch.export.load`` keeps its deserializer in a global: two programs loaded at once (a node
 loads its models on a thread each) fail with "_CURRENT_DESERIALIZER is already set"."""
-_CAPTURE = threading.Lock()
-"""One CUDA graph capture at a time in this process (see :meth:`TorchEngine._capture`)."""
+
+
+class _CudaGate:
+    """Readers-writer gate over this process's CUDA work: inference and GPU encoding share it,
+    an engine's device-side load (weights to the GPU, warm-up, graph capture) holds it alone.
+
+    A node loads its models on a thread each, and may load one while others serve. A CUDA graph
+    capture is invalidated by work another thread puts on the device meanwhile (a warm-up's
+    device synchronize, a legacy-stream launch): cudaErrorStreamCaptureInvalidated with two large
+    PPN models on an H200. Loads are rare; inference only waits while one runs.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._sharing = 0
+        self._alone = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._sharing += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._sharing -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def alone(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._alone)
+            self._alone = True  # new sharers wait from here on
+            self._cond.wait_for(lambda: self._sharing == 0)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._alone = False
+                self._cond.notify_all()
+
+
+CUDA_GATE = _CudaGate()
+"""Held shared around CUDA work on the request path, alone around an engine's device-side load."""
 
 
 class TorchEngineConfig(EngineConfig):
@@ -182,13 +226,15 @@ class TorchEngine(Engine):
             raise EngineError(f"{path}: cannot load: {exc}") from exc
         self._inputs, self._outputs = self._io_specs(extra[METADATA_FILE], program)
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[self.config.precision]
-        self._model = model.to(self._device).to(dtype) if dtype != torch.float32 else model.to(self._device)
-        self._compute_dtype = dtype
-        self._warm_up(torch)
-        if self._device.type == "cuda" and self.config.cuda_graphs:
-            shapes = self._static_shapes()
-            if shapes is not None:
-                self._graph = self._capture(torch, shapes)
+        with self._gate(alone=True):
+            model = model.to(self._device)
+            self._model = model.to(dtype) if dtype != torch.float32 else model
+            self._compute_dtype = dtype
+            self._warm_up(torch)
+            if self._device.type == "cuda" and self.config.cuda_graphs:
+                shapes = self._static_shapes()
+                if shapes is not None:
+                    self._graph = self._capture(torch, shapes)
         self._ready = True
         log.info("torch engine ready: %s on %s (%s)", path.name, self._device, self.config.precision)
 
@@ -224,7 +270,7 @@ class TorchEngine(Engine):
         else:
             check_inputs(self._inputs, inputs)
         torch = _torch()
-        with self._lock, torch.inference_mode():
+        with self._lock, self._gate(alone=False), torch.inference_mode():
             if not self._ready:
                 raise EngineError("torch engine: closed")
             try:
@@ -281,6 +327,12 @@ class TorchEngine(Engine):
         return [host.numpy() for host in host_out]
 
     # ------------------------------------------------------------ loading helpers
+
+    def _gate(self, *, alone: bool) -> AbstractContextManager[None]:
+        """:data:`CUDA_GATE` for an engine on a CUDA device; nothing to take on the CPU."""
+        if self._device is None or self._device.type != "cuda":
+            return nullcontext()
+        return CUDA_GATE.alone() if alone else CUDA_GATE.shared()
 
     def _model_file(self) -> Path:
         if self.config.file:
@@ -385,13 +437,12 @@ class TorchEngine(Engine):
         torch.cuda.current_stream(self._device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # torch.cuda.graph's default capture stream is made once, on the first GPU to capture;
-        # an engine on another GPU needs a capture stream of its own device. A node loads its
-        # models on a thread each: in the default ("global") mode another model's warm-up or
-        # capture invalidates this one (cudaErrorStreamCaptureInvalidated, seen on an H200 with
-        # two large PPN models), so captures take turns and only this thread's calls are checked.
+        # an engine on another GPU needs a capture stream of its own device. Other threads' CUDA
+        # work waits at CUDA_GATE meanwhile; thread-local mode leaves their host-side calls
+        # (another engine's file load, a pinned allocation) unchecked.
         stream = torch.cuda.Stream(self._device)
         capture = torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local")
-        with _CAPTURE, torch.inference_mode(), capture:
+        with torch.inference_mode(), capture:
             dev_out = self._forward(dev_in)
         host_in = {n: torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for n, t in dev_in.items()}
         return _Graph(graph, dev_in, dev_out, host_in)

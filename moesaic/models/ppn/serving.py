@@ -41,6 +41,7 @@ from moesaic.datasets.lidar_scenes import CLASS_NAMES
 from moesaic.models.ppn.encoding import PpnEncoding
 from moesaic.runtime.engine import TensorSpec
 from moesaic.runtime.processing import Processor, register_processor
+from moesaic.runtime.torch_engine import CUDA_GATE
 
 __all__ = ["PpnBevProcessor"]
 
@@ -155,7 +156,8 @@ class PpnBevProcessor(Processor):
         if not sensor_id:
             raise ValueError("sensor_id: must be a non-empty string")
         if self._device is not None:
-            with self._lock:
+            # Released before the engine runs: a model loading meanwhile waits for neither.
+            with self._lock, CUDA_GATE.shared():
                 buf = self._buffer(sensor_id)
                 buf.push(self._encode_on_gpu(points))
                 return {self._engine_input: buf.stacked()[None]}, None

@@ -6,6 +6,8 @@ The lifecycle contract shared with the other backends is in test_engine_contract
 from __future__ import annotations
 
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from moesaic.runtime.engine import EngineError, MissingExtraError, create_engine, parse_engine_config
-from moesaic.runtime.torch_engine import TorchEngine, TorchEngineConfig
+from moesaic.runtime.torch_engine import TorchEngine, TorchEngineConfig, _CudaGate
 from tests.helpers.torch_models import ConvNet, load_at_once, write_torch_conv_model
 
 torch.set_num_threads(1)
@@ -64,6 +66,39 @@ def test_export_programs_load_on_threads_at_once(tmp_path: Path) -> None:
     for engine in engines:
         assert engine.infer({"images": x})["pooled"].shape == (1, 4)
         engine.close()
+
+
+def test_cuda_gate_lets_a_load_in_alone_and_holds_new_requests_meanwhile() -> None:
+    """The gate a CUDA graph capture needs (its GPU test covers the device): a load waits for
+    the requests in flight, and requests that arrive meanwhile wait for the load."""
+    gate = _CudaGate()
+    order: list[str] = []
+    in_request, load_waiting, load_done = threading.Event(), threading.Event(), threading.Event()
+
+    def load() -> None:
+        load_waiting.set()
+        with gate.alone():
+            order.append("load")
+        load_done.set()
+
+    def late_request() -> None:
+        with gate.shared():
+            order.append("late request")
+
+    with gate.shared():
+        in_request.set()
+        loader = threading.Thread(target=load)
+        loader.start()
+        load_waiting.wait()
+        time.sleep(0.05)
+        assert not load_done.is_set()  # the request in flight holds the load off
+        late = threading.Thread(target=late_request)
+        late.start()
+        time.sleep(0.05)
+        order.append("first request done")
+    loader.join()
+    late.join()
+    assert order == ["first request done", "load", "late request"]
 
 
 def test_torchscript_without_metadata_needs_declared_io(tmp_path: Path) -> None:
