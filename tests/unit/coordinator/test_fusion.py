@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 
 from moesaic.coordinator.fusion import ExpertOutput, fuse
+from moesaic.coordinator.pipeline import Perception
+from moesaic.coordinator.service import to_proto
+from moesaic.proto import moesaic_pb2
 
 
 def test_detections_weighted_boxes_fusion() -> None:
@@ -99,3 +102,18 @@ def test_mismatched_shapes_and_missing_outputs_name_the_expert() -> None:
         fuse("bev_reconstruction", [ExpertOutput("a", 1, {"probs": np.ones(3)})])
     with pytest.raises(ValueError, match="fuses only"):
         fuse("juggling", [ExpertOutput("a", 1, {})])
+
+
+def test_segmentation_response_carries_the_class_map_and_probabilities() -> None:
+    """The fused grid and its probabilities reach the PerceiveResponse whole (written into the
+    response's own fields, not copied in)."""
+    probs = np.random.default_rng(1).random((5, 32, 48), dtype=np.float32)
+    fused = fuse("bev_segmentation", [ExpertOutput("a", 1.0, {"probs": probs})])
+    perception = Perception("r1", "bev_segmentation", [], fused, 1.0, 2.0, 1.5, 2.5, True, True)
+    response = moesaic_pb2.PerceiveResponse.FromString(to_proto(perception).SerializeToString())
+    grid = response.grid
+    assert (grid.name, grid.datatype, list(grid.shape)) == ("classes", "UINT8", [32, 48])
+    np.testing.assert_array_equal(np.frombuffer(grid.data, np.uint8).reshape(32, 48), probs.argmax(axis=0))
+    (extra,) = response.extras
+    assert (extra.name, extra.datatype, list(extra.shape)) == ("probs", "FP32", [5, 32, 48])
+    np.testing.assert_array_equal(np.frombuffer(extra.data, np.float32).reshape(probs.shape), probs)
