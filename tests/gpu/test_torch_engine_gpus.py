@@ -38,8 +38,7 @@ def test_cuda_graph_replay_equals_cpu(tmp_path: Path) -> None:
     }
     with create_engine(config, folder) as engine:
         out = engine.infer({"images": images})
-    for name, want in _expected(folder, images).items():
-        np.testing.assert_allclose(out[name], want, rtol=1e-4, atol=1e-4)
+    _assert_close(out, _expected(folder, images), tol=1e-4)
 
 
 @needs_two
@@ -60,9 +59,7 @@ def test_cuda_graphs_on_a_second_gpu_after_the_first(tmp_path: Path) -> None:
         for engine in engines:
             engine.load()
         for engine in engines:
-            out = engine.infer({"images": images})
-            for name, expected in want.items():
-                np.testing.assert_allclose(out[name], expected, rtol=1e-4, atol=1e-4)
+            _assert_close(engine.infer({"images": images}), want, tol=1e-4)
     finally:
         for engine in engines:
             engine.close()
@@ -113,6 +110,6 @@ def test_engines_capture_their_graphs_on_threads_at_once_while_one_serves(tmp_pa
     _assert_close(served[-1], want)
 
 
-def _assert_close(out: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+def _assert_close(out: dict[str, np.ndarray], want: dict[str, np.ndarray], tol: float = 1e-3) -> None:
     for name, expected in want.items():
-        np.testing.assert_allclose(out[name], expected, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(out[name], expected, rtol=tol, atol=tol)

@@ -156,7 +156,8 @@ class PpnBevProcessor(Processor):
         if not sensor_id:
             raise ValueError("sensor_id: must be a non-empty string")
         if self._device is not None:
-            # Released before the engine runs: a model loading meanwhile waits for neither.
+            # Shared only while encoding: the engine takes the gate again for its run, and a load
+            # queued in between would deadlock against a gate held across both.
             with self._lock, CUDA_GATE.shared():
                 buf = self._buffer(sensor_id)
                 buf.push(self._encode_on_gpu(points))

@@ -73,7 +73,7 @@ def test_cuda_gate_lets_a_load_in_alone_and_holds_new_requests_meanwhile() -> No
     the requests in flight, and requests that arrive meanwhile wait for the load."""
     gate = _CudaGate()
     order: list[str] = []
-    in_request, load_waiting, load_done = threading.Event(), threading.Event(), threading.Event()
+    load_waiting, load_done = threading.Event(), threading.Event()
 
     def load() -> None:
         load_waiting.set()
@@ -86,11 +86,12 @@ def test_cuda_gate_lets_a_load_in_alone_and_holds_new_requests_meanwhile() -> No
             order.append("late request")
 
     with gate.shared():
-        in_request.set()
         loader = threading.Thread(target=load)
         loader.start()
         load_waiting.wait()
-        time.sleep(0.05)
+        deadline = time.monotonic() + 10
+        while not gate._alone and time.monotonic() < deadline:  # the load is queued at the gate
+            time.sleep(0.001)
         assert not load_done.is_set()  # the request in flight holds the load off
         late = threading.Thread(target=late_request)
         late.start()
